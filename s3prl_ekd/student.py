@@ -1,0 +1,129 @@
+"""The DistilHuBERT-style student: s3prl's DistillerModel backbone (CNN + a few
+transformer layers) and one prediction-head set per target set.
+
+Self-contained on purpose (imports only torch and s3prl): `s3prl-ekd export`
+copies this file into SUPERB submission folders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from s3prl.upstream.distiller.model import DistillerConfig, DistillerModel
+from s3prl.upstream.distiller.module import SplitLinear
+
+STANDARD_CNN = "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2"
+
+
+@dataclass
+class StudentConfig:
+    """DistilHuBERT-style student (s3prl's DistillerModel backbone + prediction heads)."""
+
+    encoder_layers: int = 2
+    encoder_embed_dim: int = 768
+    encoder_ffn_embed_dim: int = 3072
+    encoder_attention_heads: int = 12
+    conv_feature_layers: str = STANDARD_CNN
+    extractor_mode: str = "default"  # "default" | "layer_norm"
+    conv_pos: int = 128
+    conv_pos_groups: int = 16
+    layer_norm_first: bool = False
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.1
+    feature_grad_mult: float = 0.1
+    head_inter_dim: int | None = None  # hidden width of each head; default encoder_embed_dim
+    # Copy the CNN and the first `encoder_layers` transformer layers from the first
+    # teacher where names and shapes match (DistilHuBERT's initialisation).
+    init_from_teacher: bool = True
+
+
+class StudentOutput(NamedTuple):
+    hidden_states: list[torch.Tensor]  # [1 + encoder_layers] (B, T, D): pre-transformer, then each layer
+    frame_lengths: torch.Tensor        # (B,) valid frames per utterance
+    predictions: list[torch.Tensor]    # [head sets] (B, L, T, D_h)
+
+
+class PredictionHeads(nn.Module):
+    """L heads sharing one input: Linear -> GELU -> SplitLinear (DistilHuBERT's output layer)."""
+
+    def __init__(self, in_dim: int, inter_dim: int, num_heads: int, out_dim: int):
+        super().__init__()
+        self.num_heads, self.out_dim = num_heads, out_dim
+        self.proj = nn.Linear(in_dim, inter_dim * num_heads)
+        self.act = nn.GELU()
+        self.split = SplitLinear(inter_dim, num_heads, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, L, T, out_dim)"""
+        batch, frames, _ = x.shape
+        out = self.split(self.act(self.proj(x)))                  # (B, T, L * out_dim)
+        return out.reshape(batch, frames, self.num_heads, self.out_dim).transpose(1, 2)
+
+
+def conv_frame_lengths(sample_lengths: torch.Tensor, conv_layers: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Frames the CNN yields for each waveform length, (B,) -> (B,)."""
+    lengths = sample_lengths
+    for _, kernel, stride in conv_layers:
+        lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+    return lengths.clamp(min=0)
+
+
+class EKDStudent(nn.Module):
+    """CNN + transformer backbone with `len(head_dims)` head sets of `num_targets` heads each."""
+
+    def __init__(self, config: StudentConfig, head_dims: list[int], num_targets: int):
+        super().__init__()
+        self.config = config
+        self.head_dims, self.num_targets = list(head_dims), num_targets
+        backbone_config = {**dataclasses.asdict(config),
+                           "extractor_conv_feature_layers": config.conv_feature_layers,
+                           "task_emb_type": "none", "out_layer_type": "none", "encoder_layerdrop": 0.0}
+        self.backbone = DistillerModel(DistillerConfig(backbone_config))
+        inter_dim = config.head_inter_dim or config.encoder_embed_dim
+        self.heads = nn.ModuleList(
+            PredictionHeads(config.encoder_embed_dim, inter_dim, num_targets, dim) for dim in head_dims)
+
+    @property
+    def downsample_rate(self) -> int:
+        rate = 1
+        for _, _, stride in self.backbone.conv_layers:
+            rate *= stride
+        return rate
+
+    def forward(self, wave: torch.Tensor, wave_lengths: torch.Tensor, predict: bool = True) -> StudentOutput:
+        """wave: (B, S) zero-padded, wave_lengths: (B,) -> StudentOutput."""
+        features = self.backbone.feature_extractor(wave)            # (B, C, T)
+        if self.backbone.feature_grad_mult != 1.0:
+            from s3prl.upstream.distiller.module import GradMultiply
+
+            features = GradMultiply.apply(features, self.backbone.feature_grad_mult)
+        features = features.transpose(1, 2)                          # (B, T, C)
+        frames = features.shape[1]
+        frame_lengths = conv_frame_lengths(wave_lengths, self.backbone.conv_layers).clamp(max=frames)
+        padding = torch.arange(frames, device=wave.device)[None, :] >= frame_lengths[:, None]  # (B, T)
+        x = self.backbone.post_extract_proj(features) if self.backbone.post_extract_proj else features
+        x = x.masked_fill(padding[..., None], 0.0)
+        _, layer_hiddens = self.backbone.encoder(x, padding, get_hidden=True)
+        hidden_states = [x] + list(layer_hiddens)
+        predictions = [heads(hidden_states[-1]) for heads in self.heads] if predict else []
+        return StudentOutput(hidden_states, frame_lengths, predictions)
+
+
+def student_from_dict(state: dict) -> EKDStudent:
+    """Rebuild a student from the plain dict `student_state` returns (config, dims, weights)."""
+    model = EKDStudent(StudentConfig(**state["config"]), state["head_dims"], state["num_targets"])
+    model.load_state_dict(state["state_dict"])
+    return model
+
+
+def student_state(model: EKDStudent) -> dict:
+    """Plain dict of tensors and Python values: loadable with torch.load(weights_only=True)."""
+    return {"config": dataclasses.asdict(model.config), "head_dims": list(model.head_dims),
+            "num_targets": model.num_targets,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}

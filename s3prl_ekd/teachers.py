@@ -1,0 +1,122 @@
+"""Frozen teachers loaded through `s3prl.hub`, returning the layers the heads predict.
+
+Layer numbering is s3prl's: hidden_states[0] is the pre-transformer output and
+hidden_states[l] the output of transformer layer l. Each teacher runs once per
+batch under torch.inference_mode(); only the selected layers are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from s3prl_ekd.config import TeacherConfig, check_averageable, default_layers
+from s3prl_ekd.errors import CheckpointError, ConfigError
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_FRAME_MISMATCH = 2  # teachers may disagree by a frame or two at the edges (s3prl issue 331)
+
+
+def load_upstream(teacher: TeacherConfig) -> nn.Module:
+    """The s3prl upstream for `teacher`, through s3prl.hub (never torch.hub over the network)."""
+    import s3prl.hub
+
+    if not hasattr(s3prl.hub, teacher.name):
+        raise ConfigError(f"teachers: {teacher.name!r} is not an s3prl.hub entry; "
+                          "see `python -c 'import s3prl.hub; print(s3prl.hub.options())'`")
+    kwargs = {"ckpt": teacher.ckpt} if teacher.ckpt else {}
+    try:
+        return getattr(s3prl.hub, teacher.name)(**kwargs)
+    except (FileNotFoundError, AssertionError, KeyError, RuntimeError, ValueError) as error:
+        where = teacher.ckpt or teacher.name
+        raise CheckpointError(f"teacher {teacher.name} ({where}): cannot load ({type(error).__name__}: {error}); "
+                              f"check that ckpt is a {teacher.name} checkpoint") from error
+
+
+def freeze(upstream: nn.Module) -> nn.Module:
+    """Eval mode, no gradients, no layer drop."""
+    upstream.eval()
+    upstream.requires_grad_(False)
+    encoder = getattr(getattr(upstream, "model", None), "encoder", None)
+    if encoder is not None and hasattr(encoder, "layerdrop"):
+        encoder.layerdrop = 0.0
+    return upstream
+
+
+def align_frames(hiddens: Sequence[torch.Tensor], names: Sequence[str]) -> list[torch.Tensor]:
+    """Cut every (B, L, T_k, D_k) to the shortest T_k; a larger mismatch is an error."""
+    lengths = [h.shape[2] for h in hiddens]
+    if max(lengths) - min(lengths) > MAX_FRAME_MISMATCH:
+        listed = ", ".join(f"{n}: {t}" for n, t in zip(names, lengths))
+        raise ConfigError(f"teachers return different frame counts for the same audio ({listed}); "
+                          "their frame rates differ")
+    shortest = min(lengths)
+    return [h[:, :, :shortest] for h in hiddens]
+
+
+class TeacherEnsemble(nn.Module):
+    """K frozen teachers; `forward` gives each teacher's selected layers, (B, L, T, D_k).
+
+    Call `probe()` (done by the pretrain expert) to learn depths and dimensions,
+    fill in default layers, and check layer indices, frame rates and dimensions.
+    """
+
+    def __init__(self, configs: Sequence[TeacherConfig], teacher_dtype: str = "float32"):
+        super().__init__()
+        self.configs = list(configs)
+        self.names = [f"{c.name}#{i}" for i, c in enumerate(self.configs)]
+        self.upstreams = nn.ModuleList(freeze(load_upstream(c)) for c in self.configs)
+        self.teacher_dtype = teacher_dtype
+        self.dims: list[int] = []
+        self.depths: list[int] = []
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # teachers stay in eval mode whatever the runner asks
+
+    @property
+    def downsample_rates(self) -> list[int]:
+        return [u.get_downsample_rates("hidden_states") for u in self.upstreams]
+
+    @torch.inference_mode()
+    def probe(self, device: str | torch.device = "cpu", aggregation: str | None = None) -> None:
+        """Run 1 s of silence through each teacher to check the config against the real models."""
+        rates = self.downsample_rates
+        if len(set(rates)) > 1:
+            listed = ", ".join(f"{n}: {r} samples/frame" for n, r in zip(self.names, rates))
+            raise ConfigError(f"teachers: frame rates differ ({listed}); EKD needs teachers of one frame rate")
+        wav = [torch.zeros(16000, device=device)]
+        self.depths, self.dims = [], []
+        for i, (config, upstream) in enumerate(zip(self.configs, self.upstreams)):
+            states = upstream(wav)["hidden_states"]
+            depth, dim = len(states) - 1, states[-1].shape[-1]
+            self.depths.append(depth)
+            self.dims.append(dim)
+            if config.layers is None:
+                config.layers = default_layers(depth)
+            bad = [layer for layer in config.layers if not 0 <= layer <= depth]
+            if bad:
+                raise ConfigError(f"teachers[{i}].layers: {bad[0]} is out of range for {config.name} "
+                                  f"with {depth} layers; use 0..{depth}")
+        if len({len(c.layers) for c in self.configs}) > 1:
+            raise ConfigError("teachers[*].layers: every teacher must list the same number of layers")
+        if aggregation == "layerwise_average":
+            check_averageable(dict(zip(self.names, self.dims)), "aggregation")
+
+    def _autocast(self, device: torch.device):
+        if device.type == "cuda" and self.teacher_dtype in AUTOCAST_DTYPES:
+            return torch.autocast("cuda", dtype=AUTOCAST_DTYPES[self.teacher_dtype])
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def forward(self, wavs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """wavs: B unpadded (samples,) tensors -> [K] (B, L, T, D_k) float32, frames aligned."""
+        hiddens = []
+        with self._autocast(wavs[0].device):
+            for config, upstream in zip(self.configs, self.upstreams):
+                states = upstream(wavs)["hidden_states"]
+                hiddens.append(torch.stack([states[layer] for layer in config.layers], dim=1).float())
+                del states  # the unselected layers are freed here
+        return align_frames(hiddens, self.names)
