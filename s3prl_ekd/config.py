@@ -217,5 +217,5 @@ def load_config(source: str | Path | dict) -> EKDConfig:
     config = from_dict(EKDConfig, source, where)
     for teacher in config.teachers:
         if base and teacher.ckpt and "://" not in teacher.ckpt and not Path(teacher.ckpt).is_absolute():
-            teacher.ckpt = str(base / teacher.ckpt)
+            teacher.ckpt = str((base / teacher.ckpt).resolve())
     return validate(config, where)

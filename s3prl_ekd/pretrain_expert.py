@@ -68,6 +68,7 @@ class UpstreamPretrainExpert(nn.Module):
             copied = init_from_teacher(self.student, self.teachers.upstreams[0])
             print(f"[EKD] - initialised {len(copied)} student tensors from {self.config.teachers[0].name}")
         self.model = nn.DataParallel(self.student) if multi_gpu else self.student
+        self.last_global_step = 0
         print(f"[EKD] - {len(self.config.teachers)} teachers, aggregation={self.config.aggregation}, "
               f"head dims {head_dims} x {num_targets} targets, "
               f"student {sum(p.numel() for p in self.student.parameters()):,} parameters")
@@ -82,6 +83,10 @@ class UpstreamPretrainExpert(nn.Module):
         self.student.load_state_dict(init_ckpt[STUDENT_KEY]["state_dict"])
 
     def add_state_to_save(self, all_states: dict) -> dict:
+        # s3prl's runner stores Step = updates done *before* the step being saved, so a
+        # resumed run would redo that step; store the number of completed updates instead.
+        if self.last_global_step:
+            all_states["Step"] = self.last_global_step
         all_states[STUDENT_KEY] = student_state(self.student)
         all_states[MODEL_CONFIG_KEY] = self.config.to_dict()
         return all_states
@@ -92,6 +97,7 @@ class UpstreamPretrainExpert(nn.Module):
     def forward(self, data, records=None, global_step: int = 0, log_step: int = 1000, **kwargs):
         """One distillation step: teachers -> targets -> student heads -> loss. Returns (loss, records)."""
         records = defaultdict(list) if records is None else records
+        self.last_global_step = global_step
         wave, lengths = (t.to(self.device, non_blocking=True) for t in data)
         teacher_hiddens = self.teachers([w[:n] for w, n in zip(wave, lengths)])  # [K] (B, L, T, D_k)
         targets = aggregation.build_targets(self.config.aggregation, teacher_hiddens,

@@ -95,12 +95,42 @@ def register() -> Path:
     return pth
 
 
+def _schedule_classes() -> list[type]:
+    """s3prl's LR schedule classes, which its optimizers pickle into their state_dict.
+
+    They are pickled under `optimizers.*` by run_pretrain.py (a top-level import
+    from the s3prl folder) and under `s3prl.optimizers.*` elsewhere; allow both.
+    """
+    import importlib
+    import inspect
+
+    classes = []
+    s3prl_dir = str(installed_s3prl_dir())
+    added = s3prl_dir not in sys.path
+    if added:
+        sys.path.append(s3prl_dir)
+    try:
+        for module_name in ("s3prl.optimizers", "optimizers"):
+            module = importlib.import_module(module_name)
+            base = module._LRSchedule
+            classes += [c for _, c in inspect.getmembers(module, inspect.isclass)
+                        if issubclass(c, base) and c.__module__ == module_name]
+    finally:
+        if added:
+            sys.path.remove(s3prl_dir)
+    return classes
+
+
 @contextlib.contextmanager
 def allow_namespace_checkpoints():
-    """Let torch.load(weights_only=True) read s3prl's checkpoints, which hold argparse.Namespace."""
+    """Let torch.load(weights_only=True) read s3prl's checkpoints.
+
+    They hold argparse.Namespace (Args) and s3prl's LR schedule objects inside
+    the optimizer state; both are plain data classes and safe to allow-list.
+    """
     import torch
 
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    with torch.serialization.safe_globals([argparse.Namespace, *_schedule_classes()]):
         yield
 
 
@@ -166,11 +196,32 @@ def _datarc_path_overrides(runner_config: Path, user_cwd: Path, overrides: list[
     return out
 
 
+def _refuse_overwrite(argv: list[str]) -> None:
+    """A new run must not replace the checkpoints of an existing experiment."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-e")
+    parser.add_argument("-p")
+    parser.add_argument("-a", "--auto_resume", action="store_true")
+    known, _ = parser.parse_known_args(argv)
+    if known.e is None and not known.auto_resume and known.p is not None:
+        existing = sorted(Path(known.p).glob("states-*.ckpt"))
+        if existing:
+            raise UserError(f"{known.p} already holds {existing[-1].name}: resume with -a (or -e CKPT), "
+                            "pick another -n, or pass --force to start over in that folder")
+
+
 def run_pretrain(argv: list[str]) -> int:
-    """s3prl's run_pretrain.py with `argv`, paths relative to the caller's directory."""
+    """s3prl's run_pretrain.py with `argv`, paths relative to the caller's directory.
+
+    Extra flag: --force lets a new run write into an experiment folder that has checkpoints.
+    """
+    force = "--force" in argv
+    argv = [a for a in argv if a != "--force"]
     s3prl_dir = installed_s3prl_dir()
     link(s3prl_dir)
     argv = _absolute_pretrain_argv(argv, Path.cwd())
+    if not force:
+        _refuse_overwrite(argv)
     script = s3prl_dir / "run_pretrain.py"
     with _script_context(script, argv, cwd=s3prl_dir):
         runpy.run_path(str(script), run_name="__main__")

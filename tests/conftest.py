@@ -65,3 +65,63 @@ def tiny_teachers(tmp_path_factory) -> dict[str, Path]:
         "wavlm_wide": make_random_teacher("wavlm", out / "wavlm_wide.pt", seed=4, encoder_layers=2,
                                           encoder_embed_dim=48, encoder_attention_heads=4),
     }
+
+
+TINY_STUDENT = {
+    "encoder_layers": 2, "encoder_embed_dim": 32, "encoder_ffn_embed_dim": 64,
+    "encoder_attention_heads": 2, "conv_feature_layers": "[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2",
+    "conv_pos": 16, "conv_pos_groups": 4, "dropout": 0.0, "attention_dropout": 0.0,
+    "activation_dropout": 0.0, "init_from_teacher": False,
+}
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def model_config(teachers: list[dict], aggregation: str, **student) -> dict:
+    return {"teachers": teachers, "aggregation": aggregation, "student": {**TINY_STUDENT, **student}}
+
+
+def run_pretrain_cli(workdir: Path, config: dict, name: str, steps: int, audio_dir: Path,
+                     extra: list[str] | None = None, save_step: int | None = None) -> Path:
+    """`s3prl-ekd pretrain` in a subprocess from `workdir`; returns the experiment folder."""
+    import sys
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = write_yaml(workdir / f"{name}.yaml", config)
+    overrides = [f"config.pretrain_expert.datarc.audio_dir={audio_dir}",
+                 f"config.runner.total_steps={steps}",
+                 f"config.runner.save_step={save_step or max(1, steps - 1)}",
+                 "config.pretrain_expert.datarc.sequence_length=16000"]
+    cmd = [sys.executable, "-m", "s3prl_ekd.cli", "pretrain", "-u", "ekd_distiller", "-g", cfg.name,
+           "-c", str(PROJECT_ROOT / "pretrain_configs" / "tiny_cpu_runner.yaml"),
+           "-n", name, "--device", "cpu", "-o", ",,".join(overrides), *(extra or [])]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return workdir / "result" / "pretrain" / name
+
+
+@pytest.fixture(scope="session")
+def ekd_checkpoints(tmp_path_factory, tiny_teachers, speech_dir) -> dict[str, Path]:
+    """Final checkpoints of 20-step tiny pretraining runs, one per aggregation mode.
+
+    Teachers: hubert_a (3 layers x 32) and wavlm_wide (2 layers x 48) for concat / multi_head,
+    hubert_a and wavlm_a (both 32 dims) for layerwise_average; targets are layers [1, 2].
+    """
+    work = tmp_path_factory.mktemp("ekd_runs")
+    pairs = {
+        "layerwise_average": ("hubert_a", "wavlm_a"),
+        "layerwise_concat": ("hubert_a", "wavlm_wide"),
+        "multi_head": ("hubert_a", "wavlm_wide"),
+    }
+    out = {}
+    for mode, (first, second) in pairs.items():
+        teachers = [{"name": "hubert_local", "ckpt": str(tiny_teachers[first]), "layers": [1, 2]},
+                    {"name": "wavlm_local", "ckpt": str(tiny_teachers[second]), "layers": [1, 2]}]
+        expdir = run_pretrain_cli(work, model_config(teachers, mode), mode, steps=20, audio_dir=speech_dir)
+        out[mode] = max(expdir.glob("states-*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return out

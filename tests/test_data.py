@@ -1,0 +1,73 @@
+"""Audio checks and the bucketing loader."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from s3prl_ekd.audio import load_audio
+from s3prl_ekd.data import BucketDataset, crop_and_pad, load_datarc, make_buckets
+from s3prl_ekd.errors import AudioError, ConfigError
+
+
+def write(path, wav, rate):
+    sf.write(str(path), wav, rate)
+    return path
+
+
+def test_bad_audio_gives_clear_errors(tmp_path):
+    with pytest.raises(AudioError, match=r"44100 Hz, expected 16000.*resample: true"):
+        load_audio(write(tmp_path / "a.wav", np.zeros(4410, "float32"), 44100))
+    with pytest.raises(AudioError, match=r"2 channels, expected mono.*downmix: true"):
+        load_audio(write(tmp_path / "s.wav", np.zeros((1600, 2), "float32"), 16000))
+    with pytest.raises(AudioError, match="empty"):
+        load_audio(write(tmp_path / "e.wav", np.zeros(0, "float32"), 16000))
+    (tmp_path / "c.wav").write_bytes(b"RIFF\x00\x00garbage")
+    with pytest.raises(AudioError, match=r"c\.wav: cannot read audio"):
+        load_audio(tmp_path / "c.wav")
+    with pytest.raises(AudioError, match="not found"):
+        load_audio(tmp_path / "missing.wav")
+
+
+def test_resample_and_downmix_when_asked(tmp_path):
+    stereo = np.stack([np.ones(8000, "float32") * 0.5, np.zeros(8000, "float32")], axis=1)
+    wav = load_audio(write(tmp_path / "s.wav", stereo, 32000), resample=True, downmix=True)
+    assert wav.shape == (4000,)
+    assert abs(float(wav[1000:3000].mean()) - 0.25) < 1e-3
+
+
+def test_audio_dir_dataset_reports_the_bad_file(tmp_path):
+    for i in range(3):
+        write(tmp_path / f"ok{i}.wav", np.random.randn(16000).astype("float32") * 0.1, 16000)
+    write(tmp_path / "bad.wav", np.zeros(22050, "float32"), 22050)
+    with pytest.raises(AudioError, match=r"bad\.wav: sample rate is 22050"):
+        BucketDataset(load_datarc({"audio_dir": str(tmp_path), "train_batch_size": 2}))
+
+
+def test_buckets_sorted_and_batched(tmp_path):
+    rows = [(f"f{i}", n) for i, n in enumerate([5, 50, 20, 40, 10])]
+    assert make_buckets(rows, 2) == [["f1", "f3"], ["f2", "f4"]]  # the last lone file is dropped, as in s3prl
+    assert make_buckets(rows, 2, max_timestep=30) == [["f2", "f4"]]
+
+
+def test_crop_and_pad():
+    torch.manual_seed(0)
+    wavs = [torch.arange(100, dtype=torch.float), torch.arange(30, dtype=torch.float)]
+    batch, lengths = crop_and_pad(wavs, 50)
+    assert batch.shape == (2, 50) and lengths.tolist() == [50, 30]
+    start = int(batch[0, 0])
+    assert torch.equal(batch[0], torch.arange(start, start + 50, dtype=torch.float))  # a contiguous crop
+    assert torch.equal(batch[1, 30:], torch.zeros(20))
+
+
+def test_bucket_csv_source(tmp_path, speech_dir):
+    files = sorted(speech_dir.glob("*.wav"))[:4]
+    lines = [",file_path,length,label"] + [f"{i},{f.name},{sf.info(str(f)).frames},x" for i, f in enumerate(files)]
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    dataset = BucketDataset(load_datarc({"file_path": str(tmp_path), "sets": ["train"], "libri_root": str(speech_dir),
+                                         "train_batch_size": 2, "sequence_length": 8000}))
+    assert len(dataset) == 2
+    wave, lengths = dataset[0]
+    assert wave.shape == (2, 8000) and lengths.tolist() == [8000, 8000]
+    with pytest.raises(ConfigError, match=r"dev\.csv not found"):
+        BucketDataset(load_datarc({"file_path": str(tmp_path), "sets": ["dev"]}))
