@@ -24,6 +24,7 @@ STUDENT_KEY = "Student"        # plain-dict student (see student.student_state)
 # s3prl's runner passes a checkpoint's 'Upstream_Config' to the expert on resume, so the
 # resolved model config (a plain dict) is saved there; 'Config' stays the runner config.
 MODEL_CONFIG_KEY = "Upstream_Config"
+TEACHER_DIMS_KEY = "Teacher_Dims"  # each teacher's hidden size: splits layerwise_concat heads downstream
 
 
 def init_from_teacher(student: EKDStudent, teacher: nn.Module) -> list[str]:
@@ -89,6 +90,7 @@ class UpstreamPretrainExpert(nn.Module):
             all_states["Step"] = self.last_global_step
         all_states[STUDENT_KEY] = student_state(self.student)
         all_states[MODEL_CONFIG_KEY] = self.config.to_dict()
+        all_states[TEACHER_DIMS_KEY] = list(self.teachers.dims)
         return all_states
 
     def on_before_zero_grad(self):
@@ -99,7 +101,7 @@ class UpstreamPretrainExpert(nn.Module):
         records = defaultdict(list) if records is None else records
         self.last_global_step = global_step
         wave, lengths = (t.to(self.device, non_blocking=True) for t in data)
-        teacher_hiddens = self.teachers([w[:n] for w, n in zip(wave, lengths)])  # [K] (B, L, T, D_k)
+        teacher_hiddens = self.teachers([w[:n] for w, n in zip(wave, lengths.tolist())])  # [K] (B, L, T, D_k); one host sync
         targets = aggregation.build_targets(self.config.aggregation, teacher_hiddens,
                                             [t.weight for t in self.config.teachers])
         out = self.model(wave, lengths)
