@@ -44,10 +44,10 @@ def build_hubert(size: str = "tiny", num_classes: int = 100, **overrides):
         HubertPretrainingConfig,
     )
 
+    arch = architecture(size, **overrides)
     model_cfg = dict(label_rate=50.0, extractor_mode="default", encoder_layerdrop=0.0,
                      dropout=0.1, attention_dropout=0.1, activation_dropout=0.0,
-                     final_dim=min(256, architecture(size)["encoder_embed_dim"]),
-                     **architecture(size, **overrides))
+                     final_dim=min(256, arch["encoder_embed_dim"]), **arch)
     task_cfg = dict(label_rate=50.0, sample_rate=16000, normalize=False)
     symbols = [[str(i) for i in range(num_classes)]]
     model = HubertModel(HubertConfig(**model_cfg), HubertPretrainingConfig(**task_cfg), symbols)

@@ -1,0 +1,535 @@
+"""Train the demo's three small teachers without labels, so that they carry different knowledge.
+
+`hubert`: HuBERT masked prediction of MFCC k-means targets; `robust_hubert`: the same from distorted
+input (noise, reverberation, band-limiting) against clean targets; `wavlm`: s3prl's WavLM with
+utterance-mixing denoising. Checkpoints load with `s3prl.hub.hubert_local` / `wavlm_local`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from s3prl_ekd.audio import SAMPLE_RATE, audio_info, load_audio
+from s3prl_ekd.errors import AudioError, ConfigError
+from s3prl_ekd.teacher_zoo import build_hubert, build_wavlm, save_hubert_local, save_wavlm_local
+
+TeacherKind = Literal["hubert", "robust_hubert", "wavlm"]
+KINDS: tuple[str, ...] = ("hubert", "robust_hubert", "wavlm")
+
+# The CNN of both models has a 400-sample receptive field and a 320-sample hop (50 Hz);
+# MFCC frames use the same window and hop, so label i belongs to CNN frame i.
+HOP = 320
+WINDOW = 400
+MIN_SECONDS = 0.5  # shorter utterances leave too few frames for 10-frame mask spans
+
+# Architecture of the demo teachers (teacher_zoo fields): 2.2M parameters, fast on 2 CPU cores.
+# The CNN, which dominates the CPU time, is 4x narrower than HuBERT's but keeps its 320-sample hop.
+DEFAULT_SIZE = dict(
+    encoder_layers=4, encoder_embed_dim=192, encoder_ffn_embed_dim=768, encoder_attention_heads=4,
+    conv_feature_layers="[(128,10,5)] + [(128,3,2)] * 4 + [(128,2,2)] * 2",
+    conv_pos=64, conv_pos_groups=16,
+)
+DEFAULT_STEPS = 200
+DEFAULT_LR = 1e-3
+DEFAULT_CLUSTERS = 50
+# HuBERT Base predicts masked frames only; the demo's short runs also predict the unmasked ones
+# (HuBERT's pred_nomask_weight), which teaches the CNN the acoustic classes much sooner.
+DEFAULT_UNMASKED_WEIGHT = 1.0
+FEATURES_PENALTY_WEIGHT = 10.0  # HuBERT's loss_weights: [10] on the CNN output's mean square
+WAVLM_MIX_PROB = 0.5  # fraction of utterances that get a second speaker mixed in
+KMEANS_VERSION = 1  # bump when the MFCC/k-means recipe changes, to invalidate caches
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets: MFCC k-means labels at 50 Hz
+# ---------------------------------------------------------------------------------------------
+
+def num_frames(samples: int) -> int:
+    """Frames the 320-hop CNN (and the MFCC below) gives for `samples` samples (0 if too short)."""
+    return 1 + (samples - WINDOW) // HOP if samples >= WINDOW else 0
+
+
+def mfcc_features(wav: torch.Tensor) -> torch.Tensor:
+    """HuBERT's first-iteration features: 13 Kaldi MFCCs + deltas + delta-deltas.
+
+    (samples,) -> (num_frames(samples), 39), 25 ms window and 20 ms hop, aligned with the CNN frames.
+    """
+    import torchaudio
+
+    mfcc = torchaudio.compliance.kaldi.mfcc(
+        wav.unsqueeze(0), sample_frequency=SAMPLE_RATE, frame_length=1000 * WINDOW / SAMPLE_RATE,
+        frame_shift=1000 * HOP / SAMPLE_RATE, use_energy=False, dither=0.0)  # (frames, 13)
+    deltas = torchaudio.functional.compute_deltas(mfcc.T)  # (13, frames)
+    delta_deltas = torchaudio.functional.compute_deltas(deltas)
+    return torch.cat([mfcc, deltas.T, delta_deltas.T], dim=1)
+
+
+def kmeans(points: torch.Tensor, n_clusters: int, *, iterations: int = 30, seed: int = 0) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ initialisation, deterministic for a seed.
+
+    points (N, D) -> centroids (n_clusters, D).
+    """
+    if points.shape[0] < n_clusters:
+        raise ConfigError(f"n_clusters: {n_clusters} clusters need at least as many MFCC frames, "
+                          f"the corpus has {points.shape[0]}; use fewer clusters or more audio")
+    generator = torch.Generator().manual_seed(seed)
+    points = points.double()
+    centroids = points[torch.randint(points.shape[0], (1,), generator=generator)]
+    nearest = torch.cdist(points, centroids).squeeze(1) ** 2  # (N,)
+    for _ in range(1, n_clusters):
+        pick = torch.multinomial(nearest / nearest.sum(), 1, generator=generator)
+        centroids = torch.cat([centroids, points[pick]])
+        nearest = torch.minimum(nearest, torch.cdist(points, points[pick]).squeeze(1) ** 2)
+    for _ in range(iterations):
+        assignment = assign_clusters(points, centroids)
+        sums = torch.zeros_like(centroids).index_add_(0, assignment, points)
+        counts = torch.bincount(assignment, minlength=n_clusters).unsqueeze(1)
+        # An empty cluster keeps its centroid rather than collapsing to zero.
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+    return centroids.float()
+
+
+def assign_clusters(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid: points (N, D), centroids (K, D) -> (N,) int64."""
+    return torch.cdist(points.to(centroids.dtype), centroids).argmin(dim=1)
+
+
+@dataclass
+class ClusterTargets:
+    """MFCC k-means labels of a corpus: `labels[i]` (num_frames(len(audio i)),) int64 for file i."""
+
+    files: list[str]
+    centroids: torch.Tensor  # (n_clusters, 39), in standardised MFCC space
+    mean: torch.Tensor  # (39,) feature standardisation
+    std: torch.Tensor  # (39,)
+    labels: list[torch.Tensor]
+
+    @property
+    def n_clusters(self) -> int:
+        return self.centroids.shape[0]
+
+
+def _corpus_key(files: list[Path], n_clusters: int, seed: int) -> str:
+    digest = hashlib.sha256(f"v{KMEANS_VERSION} k={n_clusters} seed={seed}\n".encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def cluster_targets(files: list[Path], audio: list[torch.Tensor], *, n_clusters: int = DEFAULT_CLUSTERS,
+                    seed: int = 0, cache_dir: Path | None = None) -> ClusterTargets:
+    """K-means labels for every file, computed once per (file list, n_clusters, seed).
+
+    With `cache_dir`, the result is stored as `kmeans-<hash>.pt` there and reused while the files
+    (path, size, mtime) are unchanged.
+    """
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"kmeans-{_corpus_key(files, n_clusters, seed)}.pt"
+        if cache.is_file():
+            state = torch.load(cache, map_location="cpu", weights_only=True)
+            return ClusterTargets(files=state["files"], centroids=state["centroids"], mean=state["mean"],
+                                  std=state["std"], labels=[lab.long() for lab in state["labels"]])
+    features = [mfcc_features(wav) for wav in audio]
+    stacked = torch.cat(features)  # (all frames, 39)
+    mean, std = stacked.mean(dim=0), stacked.std(dim=0).clamp(min=1e-5)
+    # Lloyd iterations on at most 100k frames; labels are assigned to every frame.
+    generator = torch.Generator().manual_seed(seed)
+    sample = stacked[torch.randperm(stacked.shape[0], generator=generator)[:100_000]]
+    centroids = kmeans((sample - mean) / std, n_clusters, seed=seed)
+    labels = [assign_clusters((feat - mean) / std, centroids) for feat in features]
+    targets = ClusterTargets(files=[str(f) for f in files], centroids=centroids, mean=mean, std=std,
+                             labels=labels)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp")
+        torch.save({"files": targets.files, "centroids": centroids, "mean": mean, "std": std,
+                    "labels": [lab.to(torch.int16) for lab in labels]}, tmp)
+        os.replace(tmp, cache)
+    return targets
+
+
+# ---------------------------------------------------------------------------------------------
+# Input corruptions: distortion (robust HuBERT) and utterance mixing (WavLM)
+# ---------------------------------------------------------------------------------------------
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * torch.rand((), generator=generator).item()
+
+
+def _power(wav: torch.Tensor) -> torch.Tensor:
+    return wav.pow(2).mean().clamp(min=1e-10)
+
+
+def distort(wav: torch.Tensor, generator: torch.Generator, *, snr_db: tuple[float, float] = (0.0, 20.0),
+            reverb_prob: float = 0.5, rt60: tuple[float, float] = (0.2, 0.8),
+            bandlimit_prob: float = 0.5, low_cut_hz: tuple[float, float] = (0.0, 400.0),
+            high_cut_hz: tuple[float, float] = (1500.0, 4000.0)) -> torch.Tensor:
+    """A distorted copy of one utterance: (samples,) -> (samples,), same length.
+
+    In order: with `reverb_prob`, reverberation by an exponentially decaying noise impulse response
+    (RT60 drawn from `rt60` seconds); with `bandlimit_prob`, a band-pass keeping
+    [low_cut_hz, high_cut_hz]; always, additive coloured noise (spectral slope 1/f^a, a in [0, 2])
+    at an SNR drawn from `snr_db`. Every random draw comes from `generator`.
+    """
+    samples = wav.shape[0]
+    out = wav
+    if torch.rand((), generator=generator).item() < reverb_prob:
+        decay_s = _uniform(generator, *rt60)
+        taps = int(decay_s * SAMPLE_RATE)
+        time_s = torch.arange(taps) / SAMPLE_RATE
+        impulse = torch.randn(taps, generator=generator) * torch.exp(-6.9 * time_s / decay_s)
+        impulse[0] = 1.0  # the direct path
+        impulse = impulse / impulse.norm()
+        import torchaudio
+
+        reverberant = torchaudio.functional.fftconvolve(out, impulse)[:samples]
+        out = reverberant * (_power(out) / _power(reverberant)).sqrt()
+    if torch.rand((), generator=generator).item() < bandlimit_prob:
+        low, high = _uniform(generator, *low_cut_hz), _uniform(generator, *high_cut_hz)
+        spectrum = torch.fft.rfft(out)
+        freqs = torch.fft.rfftfreq(samples, d=1 / SAMPLE_RATE)
+        out = torch.fft.irfft(spectrum * ((freqs >= low) & (freqs <= high)), n=samples)
+    slope = _uniform(generator, 0.0, 2.0)
+    noise_spectrum = torch.fft.rfft(torch.randn(samples, generator=generator))
+    freqs = torch.fft.rfftfreq(samples, d=1 / SAMPLE_RATE).clamp(min=20.0)
+    noise = torch.fft.irfft(noise_spectrum * freqs.pow(-slope / 2), n=samples)
+    snr = _uniform(generator, *snr_db)
+    noise = noise * (_power(out) / _power(noise) / 10 ** (snr / 10)).sqrt()
+    return out + noise
+
+
+def mix_utterances(primary: torch.Tensor, secondary: torch.Tensor, generator: torch.Generator, *,
+                   overlap: tuple[float, float] = (0.1, 0.5),
+                   gain_db: tuple[float, float] = (-10.0, 0.0)) -> torch.Tensor:
+    """WavLM's utterance mixing: `primary` (P,) with a segment of `secondary` (S,) added -> (P,).
+
+    The segment covers a fraction of the primary drawn from `overlap` (at most half, so the primary
+    speaker stays the main one), starts at a random place, and is scaled so that its power is
+    `gain_db` (drawn) relative to the primary utterance's power.
+    """
+    length = min(int(_uniform(generator, *overlap) * primary.shape[0]), secondary.shape[0])
+    if length == 0:
+        return primary.clone()
+    start = int(torch.randint(primary.shape[0] - length + 1, (), generator=generator))
+    source = int(torch.randint(secondary.shape[0] - length + 1, (), generator=generator))
+    segment = secondary[source:source + length]
+    gain = _uniform(generator, *gain_db)
+    segment = segment * (_power(primary) / _power(segment) * 10 ** (gain / 10)).sqrt()
+    mixed = primary.clone()
+    mixed[start:start + length] += segment
+    return mixed
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked-prediction objectives on s3prl's models
+# ---------------------------------------------------------------------------------------------
+
+class MaskedPredictionLoss(NamedTuple):
+    """The training loss and, for monitoring, its masked-prediction part and top-1 accuracy."""
+
+    loss: torch.Tensor  # scalar: cross_entropy + FEATURES_PENALTY_WEIGHT * CNN output mean square
+    cross_entropy: float  # over masked frames
+    accuracy: float  # fraction of masked frames whose k-means cluster is ranked first
+
+
+def hubert_masked_loss(model, wavs: torch.Tensor, labels: torch.Tensor, *,
+                       unmasked_weight: float = 0.0) -> MaskedPredictionLoss:
+    """HuBERT's pretraining loss with s3prl's `HubertModel.forward` (masking, label embeddings,
+    cosine logits / logit_temp, final_proj): cross-entropy over masked frames (logit 0 is the true
+    cluster), plus `unmasked_weight` x the same over unmasked frames (HuBERT's pred_nomask_weight),
+    plus 10 x the CNN output's mean square (HuBERT's features_pen).
+
+    wavs (B, samples), labels (B, frames) int64.
+    """
+    no_padding = torch.zeros(wavs.shape, dtype=torch.bool)
+    result = model(wavs, target_list=[labels], padding_mask=no_padding, mask=True)
+    masked = result["logit_m_list"][0].float()  # (masked frames, 1 + n_clusters)
+    unmasked = result["logit_u_list"][0].float()  # (other frames, 1 + n_clusters)
+    cross_entropy = F.cross_entropy(masked, masked.new_zeros(masked.shape[0], dtype=torch.long))
+    loss = cross_entropy + FEATURES_PENALTY_WEIGHT * result["features_pen"]
+    if unmasked_weight > 0 and unmasked.shape[0] > 0:
+        loss = loss + unmasked_weight * F.cross_entropy(
+            unmasked, unmasked.new_zeros(unmasked.shape[0], dtype=torch.long))
+    return MaskedPredictionLoss(loss=loss, cross_entropy=float(cross_entropy.detach()),
+                                accuracy=float((masked.argmax(dim=1) == 0).float().mean()))
+
+
+def wavlm_masked_loss(model, head: torch.nn.Linear, wavs: torch.Tensor, labels: torch.Tensor, *,
+                      unmasked_weight: float = 0.0) -> MaskedPredictionLoss:
+    """Masked prediction through s3prl's `WavLM` modules, which have no pretraining forward:
+    CNN -> layer norm -> projection -> `apply_mask` -> encoder, then `head` maps frames to cluster
+    logits; the same loss terms as `hubert_masked_loss`.
+
+    wavs (B, samples), labels (B, frames) int64.
+    """
+    features = model.feature_extractor(wavs)  # (B, C, T)
+    features_pen = features.float().pow(2).mean()
+    frames = min(features.shape[2], labels.shape[1])
+    features, labels = features[..., :frames], labels[:, :frames]
+    features = model.layer_norm(features.transpose(1, 2))  # (B, T, C)
+    if model.post_extract_proj is not None:
+        features = model.post_extract_proj(features)  # (B, T, D)
+    features = model.dropout_input(features)
+    no_padding = torch.zeros(features.shape[:2], dtype=torch.bool)
+    x, mask_indices = model.apply_mask(features, no_padding)  # mask_indices (B, T) bool
+    x, _ = model.encoder(x, padding_mask=no_padding)  # (B, T, D)
+    logits = head(x).float()  # (B, T, n_clusters)
+    masked, targets = logits[mask_indices], labels[mask_indices]
+    cross_entropy = F.cross_entropy(masked, targets)
+    loss = cross_entropy + FEATURES_PENALTY_WEIGHT * features_pen
+    if unmasked_weight > 0 and (~mask_indices).any():
+        loss = loss + unmasked_weight * F.cross_entropy(logits[~mask_indices], labels[~mask_indices])
+    return MaskedPredictionLoss(loss=loss, cross_entropy=float(cross_entropy.detach()),
+                                accuracy=float((masked.argmax(dim=1) == targets).float().mean()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TeacherTrainingResult:
+    kind: str
+    ckpt_path: Path
+    loss_curve_path: Path
+    loss_curve: list[tuple[int, float]]  # (step, training loss), steps 1..steps
+    cross_entropy_curve: list[tuple[int, float]]  # (step, masked-prediction cross-entropy)
+    accuracy_curve: list[tuple[int, float]]  # (step, masked-prediction top-1 accuracy)
+    seconds: float  # whole call, including audio loading and k-means
+    seconds_per_step: float  # wall-clock, training loop only
+    cpu_seconds_per_step: float  # CPU time of this process (all threads), training loop only
+    num_parameters: int  # of the saved model
+    config: dict = field(default_factory=dict)  # the resolved settings, as written to the loss file
+
+
+def loss_curve_path(ckpt_path: str | Path) -> Path:
+    """Where `train_teacher` writes the loss curve of the checkpoint at `ckpt_path`."""
+    return Path(ckpt_path).with_suffix(".loss.json")
+
+
+def resolve_size(size: dict | None) -> dict:
+    """DEFAULT_SIZE with `size`'s overrides; an unknown key is a ConfigError."""
+    size = dict(size or {})
+    unknown = sorted(set(size) - set(DEFAULT_SIZE))
+    if unknown:
+        raise ConfigError(f"size: unknown key(s) {unknown}; use some of {sorted(DEFAULT_SIZE)}")
+    return {**DEFAULT_SIZE, **size}
+
+
+def _load_corpus(audio_files: list[Path]) -> list[torch.Tensor]:
+    audio = []
+    for path in audio_files:
+        info = audio_info(path)
+        if info.frames < MIN_SECONDS * SAMPLE_RATE:
+            raise AudioError(f"{path}: {info.frames / SAMPLE_RATE:.2f} s is too short to train a teacher "
+                             f"(minimum {MIN_SECONDS} s); remove it from the file list")
+        audio.append(load_audio(path))
+    return audio
+
+
+class _Batches:
+    """Random crops of the corpus: each step draws `batch_size` utterances (epoch-wise shuffling),
+    crops them to a common length (crop_samples or the shortest one), starting on a 320-sample
+    boundary so that the k-means labels stay aligned."""
+
+    def __init__(self, audio, labels, batch_size: int, crop_samples: int, generator: torch.Generator):
+        self.audio, self.labels = audio, labels
+        self.batch_size, self.crop_samples, self.generator = batch_size, crop_samples, generator
+        self.order: list[int] = []
+
+    def _next_index(self) -> int:
+        if not self.order:
+            self.order = torch.randperm(len(self.audio), generator=self.generator).tolist()
+        return self.order.pop()
+
+    def random_index(self) -> int:
+        return int(torch.randint(len(self.audio), (), generator=self.generator))
+
+    def next(self) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """-> (utterance indices, clean crops (B, samples), labels (B, frames))."""
+        indices = [self._next_index() for _ in range(self.batch_size)]
+        length = min(self.crop_samples, *(self.audio[i].shape[0] for i in indices))
+        frames = num_frames(length)
+        wavs, labels = [], []
+        for i in indices:
+            start_frame = int(torch.randint((self.audio[i].shape[0] - length) // HOP + 1, (),
+                                            generator=self.generator))
+            wavs.append(self.audio[i][start_frame * HOP:start_frame * HOP + length])
+            labels.append(self.labels[i][start_frame:start_frame + frames])
+        return indices, torch.stack(wavs), torch.stack(labels)
+
+
+def train_teacher(kind: TeacherKind, audio_files: list[Path], out_path: Path, *, steps: int = DEFAULT_STEPS,
+                  seed: int = 0, size: dict | None = None, batch_size: int = 8, crop_seconds: float = 2.0,
+                  lr: float = DEFAULT_LR, n_clusters: int = DEFAULT_CLUSTERS,
+                  unmasked_weight: float = DEFAULT_UNMASKED_WEIGHT, cache_dir: Path | None = None,
+                  progress: bool = True) -> TeacherTrainingResult:
+    """Train a `kind` teacher from scratch on `audio_files` (16 kHz mono) and save it at `out_path`.
+
+    The loss curve and the resolved settings go to `loss_curve_path(out_path)`. K-means targets are
+    cached in `cache_dir` (default: `out_path`'s folder), so teachers trained on the same files
+    share them. Same arguments and seed give the same checkpoint on CPU. Global RNG states are
+    restored afterwards.
+    """
+    started = time.perf_counter()
+    if kind not in KINDS:
+        raise ConfigError(f"kind: unknown teacher kind {kind!r}; use one of {list(KINDS)}")
+    if steps < 1 or batch_size < 1 or crop_seconds < MIN_SECONDS or lr <= 0:
+        raise ConfigError(f"teacher training: need steps >= 1, batch_size >= 1, crop_seconds >= {MIN_SECONDS} "
+                          f"and lr > 0 (got steps={steps}, batch_size={batch_size}, "
+                          f"crop_seconds={crop_seconds}, lr={lr})")
+    audio_files = [Path(f) for f in audio_files]
+    if not audio_files:
+        raise AudioError("teacher training: the audio file list is empty; pass the corpus' wav files")
+    out_path = Path(out_path)
+    architecture = resolve_size(size)
+    config = dict(kind=kind, steps=steps, seed=seed, size=architecture, batch_size=batch_size,
+                  crop_seconds=crop_seconds, lr=lr, n_clusters=n_clusters,
+                  unmasked_weight=unmasked_weight, num_files=len(audio_files))
+
+    audio = _load_corpus(audio_files)
+    targets = cluster_targets(audio_files, audio, n_clusters=n_clusters, seed=seed,
+                              cache_dir=out_path.parent if cache_dir is None else cache_dir)
+
+    numpy_state = np.random.get_state()  # s3prl's compute_mask_indices draws from numpy's global RNG
+    train_started, cpu_started = time.perf_counter(), time.process_time()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        records, model, save = _train(kind, audio, targets, architecture, steps=steps, batch_size=batch_size,
+                                      crop_samples=int(crop_seconds * SAMPLE_RATE), lr=lr, seed=seed,
+                                      unmasked_weight=unmasked_weight, progress=progress)
+    np.random.set_state(numpy_state)
+    train_seconds = time.perf_counter() - train_started
+    cpu_seconds = time.process_time() - cpu_started
+    save(out_path)
+
+    result = TeacherTrainingResult(
+        kind=kind, ckpt_path=out_path, loss_curve_path=loss_curve_path(out_path),
+        loss_curve=[(step, r.loss) for step, r in records],
+        cross_entropy_curve=[(step, r.cross_entropy) for step, r in records],
+        accuracy_curve=[(step, r.accuracy) for step, r in records],
+        seconds=time.perf_counter() - started, seconds_per_step=train_seconds / steps,
+        cpu_seconds_per_step=cpu_seconds / steps,
+        num_parameters=sum(p.numel() for p in model.parameters()), config=config)
+    summary = {**config, "seconds": result.seconds, "seconds_per_step": result.seconds_per_step,
+               "cpu_seconds_per_step": result.cpu_seconds_per_step,
+               "num_parameters": result.num_parameters, "loss": result.loss_curve,
+               "cross_entropy": result.cross_entropy_curve, "accuracy": result.accuracy_curve}
+    tmp = result.loss_curve_path.with_name(result.loss_curve_path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, result.loss_curve_path)
+    return result
+
+
+def _train(kind, audio, targets: ClusterTargets, architecture: dict, *, steps, batch_size, crop_samples,
+           lr, seed, unmasked_weight, progress):
+    """The training loop proper; call with the global RNGs seeded.
+
+    -> ([(step, MaskedPredictionLoss with float loss)], model, save(path) -> path).
+    """
+    from tqdm import tqdm
+
+    if kind == "wavlm":
+        model, cfg = build_wavlm("tiny", **architecture)
+        # The prediction head is a pretraining module: trained here, not saved.
+        head = torch.nn.Linear(architecture["encoder_embed_dim"], targets.n_clusters)
+        parameters = [*model.parameters(), *head.parameters()]
+        loss_fn = lambda wavs, labels: wavlm_masked_loss(  # noqa: E731
+            model, head, wavs, labels, unmasked_weight=unmasked_weight)
+        save = lambda path: save_wavlm_local(model, cfg, path)  # noqa: E731
+    else:
+        # build_hubert sizes final_proj from the "tiny" base (32 dims): a fine width for the
+        # cosine logits over ~100 clusters.
+        model, model_cfg, task_cfg, symbols = build_hubert("tiny", num_classes=targets.n_clusters,
+                                                           **architecture)
+        parameters = list(model.parameters())
+        loss_fn = lambda wavs, labels: hubert_masked_loss(  # noqa: E731
+            model, wavs, labels, unmasked_weight=unmasked_weight)
+        save = lambda path: save_hubert_local(model, model_cfg, task_cfg, symbols, path)  # noqa: E731
+
+    optimizer = torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = max(1, steps // 10)
+    # Linear warm-up then cosine decay to 0.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+        (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * max(0, s + 1 - warmup) / max(1, steps - warmup)))))
+    data_generator = torch.Generator().manual_seed(seed + 1)
+    batches = _Batches(audio, targets.labels, batch_size, crop_samples, data_generator)
+
+    model.train()
+    records: list[tuple[int, MaskedPredictionLoss]] = []
+    bar = tqdm(range(1, steps + 1), desc=f"teacher {kind}", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        indices, wavs, labels = batches.next()  # wavs (B, samples), labels (B, frames)
+        if kind == "robust_hubert":
+            wavs = torch.stack([distort(wav, data_generator) for wav in wavs])
+        elif kind == "wavlm":
+            mixed = []
+            for i, wav in zip(indices, wavs):
+                other = batches.random_index()
+                if other != i and torch.rand((), generator=data_generator).item() < WAVLM_MIX_PROB:
+                    wav = mix_utterances(wav, audio[other], data_generator)
+                mixed.append(wav)
+            wavs = torch.stack(mixed)
+        result = loss_fn(wavs, labels)
+        optimizer.zero_grad()
+        result.loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 10.0)
+        optimizer.step()
+        schedule.step()
+        records.append((step, result._replace(loss=float(result.loss.detach()))))
+        bar.set_postfix(loss=f"{records[-1][1].loss:.3f}", acc=f"{result.accuracy:.2f}")
+    model.eval()
+    return records, model, save
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: `s3prl-ekd teachers train`
+# ---------------------------------------------------------------------------------------------
+
+def register_cli(subparsers) -> None:
+    teachers = subparsers.add_parser("teachers", help="train small teachers without labels (demo)")
+    actions = teachers.add_subparsers(dest="teachers_command", required=True, metavar="ACTION")
+    train = actions.add_parser(
+        "train", help="train one teacher on a folder of 16 kHz speech",
+        description="Train a hubert / robust_hubert / wavlm teacher by masked prediction of MFCC k-means "
+                    "targets; the checkpoint loads with s3prl's hubert_local / wavlm_local.")
+    train.add_argument("--kind", choices=KINDS, required=True)
+    train.add_argument("--audio-dir", type=Path, required=True, help="folder searched for .wav/.flac/.ogg")
+    train.add_argument("--out", type=Path, required=True, help="checkpoint path; the loss curve goes beside it")
+    train.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--crop-seconds", type=float, default=2.0)
+    train.add_argument("--lr", type=float, default=DEFAULT_LR)
+    train.add_argument("--clusters", type=int, default=DEFAULT_CLUSTERS, help="k-means clusters (targets)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cli_train)
+
+
+def _cli_train(args) -> int:
+    from s3prl_ekd.audio import list_audio_files
+
+    result = train_teacher(args.kind, list_audio_files(args.audio_dir), args.out, steps=args.steps,
+                           seed=args.seed, batch_size=args.batch_size, crop_seconds=args.crop_seconds,
+                           lr=args.lr, n_clusters=args.clusters, progress=not args.quiet)
+    tenth = max(1, len(result.loss_curve) // 10)
+    first = sum(loss for _, loss in result.loss_curve[:tenth]) / tenth
+    last = sum(loss for _, loss in result.loss_curve[-tenth:]) / tenth
+    print(f"{result.ckpt_path}: {result.kind} teacher, {result.num_parameters / 1e6:.2f}M parameters, "
+          f"loss {first:.3f} -> {last:.3f} over {args.steps} steps ({result.seconds:.0f} s, "
+          f"{result.seconds_per_step:.2f} s/step); curve: {result.loss_curve_path}")
+    return 0
