@@ -1,4 +1,5 @@
-"""Adds the `ekd_distiller*` entries to `s3prl.hub` the moment s3prl imports it.
+"""Adds the `ekd_distiller*` entries to `s3prl.hub` the moment s3prl imports it, and
+provides the few modules s3prl's experts import but its wheel lacks (MODULE_ALIASES).
 
 Imported at interpreter start-up by `s3prl_ekd_hub.pth` (written by
 `s3prl-ekd register`), so s3prl's unmodified run_downstream.py and
@@ -8,11 +9,19 @@ Imported at interpreter start-up by `s3prl_ekd_hub.pth` (written by
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 
 HUB_MODULE = "s3prl.hub"
+# Modules s3prl's experts import but the wheel lacks: s3prl name -> our module providing them
+# (None: an empty package). Asked last, so a full s3prl checkout's own modules win.
+MODULE_ALIASES = {
+    "s3prl.downstream.ctc.corpus": None,
+    "s3prl.downstream.ctc.corpus.libriphone": "s3prl_ekd.recipes_ctc_corpus",
+}
 
 
 def add_entries(hub_module) -> None:
@@ -49,8 +58,32 @@ class _HubFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
+class _AliasLoader(importlib.abc.Loader):
+    def __init__(self, target: str | None):
+        self.target = target
+
+    def create_module(self, spec):
+        return None  # a fresh module named as s3prl expects
+
+    def exec_module(self, module):
+        if self.target is not None:
+            provider = importlib.import_module(self.target)
+            module.__dict__.update({k: v for k, v in vars(provider).items() if not k.startswith("__")})
+
+
+class _AliasFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in MODULE_ALIASES:
+            return None
+        target_name = MODULE_ALIASES[fullname]
+        return importlib.machinery.ModuleSpec(fullname, _AliasLoader(target_name),
+                                              is_package=target_name is None)
+
+
 def install() -> None:
     """Register now if s3prl.hub is loaded, else when it is imported. Idempotent."""
+    if not any(isinstance(finder, _AliasFinder) for finder in sys.meta_path):
+        sys.meta_path.append(_AliasFinder())  # last: only asked when nothing else has the module
     if HUB_MODULE in sys.modules:
         add_entries(sys.modules[HUB_MODULE])
     elif not any(isinstance(finder, _HubFinder) for finder in sys.meta_path):

@@ -1,0 +1,368 @@
+"""Benchmark one upstream on PR, SID, ER and ASR with s3prl's own run_downstream.py.
+
+For each task: recipe config (downstream_recipes/<task>/<profile>.yaml + the paths from
+`prepare`) -> train -> evaluate the best dev checkpoint on test -> parse the metric s3prl prints.
+Writes OUT/results.json and OUT/results.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from s3prl_ekd.errors import ConfigError, UserError
+from s3prl_ekd.prepare import PREPARED_NAME, RECIPES_DIR, TASKS
+
+PROFILES = ("cpu-small", "superb")
+MARKER_NAME = ".s3prl_ekd_superb"  # marks experiment folders superb made, the only ones it clears
+RESULT_NAME = "task_result.json"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How one task runs through s3prl: expert (-d), metric printed as `<split> <metric>: x`,
+    factor to percent, the split names, and the best-on-dev checkpoint name."""
+
+    downstream: str
+    metric: str
+    to_percent: float
+    test_split: str
+    best_checkpoint: str
+    higher_is_better: bool
+
+
+TASK_SPECS = {
+    "pr": TaskSpec("ctc", "per", 100.0, "test", "dev-best.ckpt", False),
+    "sid": TaskSpec("voxceleb1", "acc", 100.0, "test", "dev-best.ckpt", True),
+    "er": TaskSpec("emotion", "acc", 100.0, "test", "dev-best.ckpt", True),
+    "asr": TaskSpec("asr", "wer", 1.0, "test-clean", "dev-clean-best.ckpt", False),
+}
+# ER folds to run: the paper's protocol averages every held-out session; cpu-small runs one.
+ALL_FOLDS = {"cpu-small": False, "superb": True}
+
+
+def parse_tasks(tasks: str | list[str]) -> list[str]:
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    unknown = [t for t in names if t not in TASK_SPECS]
+    if unknown or not names:
+        raise ConfigError(f"--tasks {','.join(names)}: use a comma list of {','.join(TASKS)}")
+    return names
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """`base` with `update` merged in (nested dicts merged, anything else replaced)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_prepared(data_dir: Path, task: str) -> dict:
+    path = data_dir / task / PREPARED_NAME
+    if not path.is_file():
+        raise UserError(f"{path}: not found; run `s3prl-ekd prepare {task} ... --out {data_dir}` first")
+    return json.loads(path.read_text())
+
+
+def recipe_config(task: str, profile: str, prepared: dict, steps: int | None = None) -> dict:
+    """The s3prl config for `task`: the profile's recipe with prepare's data paths merged in;
+    `steps` replaces the training length (evaluating and saving half-way and at the end)."""
+    if profile not in PROFILES:
+        raise ConfigError(f"--profile {profile}: use one of {', '.join(PROFILES)}")
+    path = RECIPES_DIR / task / f"{profile}.yaml"
+    config = deep_merge(yaml.safe_load(path.read_text()), prepared["config"])
+    if steps is not None:
+        if steps < 1:
+            raise ConfigError(f"--steps {steps}: use a positive number of training steps")
+        every = max(1, steps // 2)
+        config = deep_merge(config, {"runner": {"total_steps": steps, "eval_step": every,
+                                                "save_step": every, "log_step": every}})
+    return config
+
+
+@contextmanager
+def voxceleb1_cache_cleared():
+    """Hold a lock on, and empty, the file-list cache s3prl's voxceleb1 expert keeps in its own
+    package folder (.cache/{train,dev,test}.pkl, reused whatever the config says)."""
+    from s3prl_ekd.s3prl_bridge import installed_s3prl_dir
+
+    folder = installed_s3prl_dir() / "downstream" / "voxceleb1"
+    with open(folder / ".s3prl_ekd.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two SID runs at once would read each other's lists
+        try:
+            shutil.rmtree(folder / ".cache", ignore_errors=True)
+            yield
+        finally:
+            shutil.rmtree(folder / ".cache", ignore_errors=True)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def downstream_command(argv: list[str]) -> list[str]:
+    """s3prl's run_downstream.py with `argv`, run through our bridge in a fresh interpreter."""
+    return [sys.executable, "-m", "s3prl_ekd.cli", "downstream", *argv]
+
+
+def run_logged(command: list[str], log: Path, task: str, threads: int | None) -> str:
+    """Run `command`; stdout to log, stderr (progress bars) to log.err; returns stdout.
+
+    `threads` caps torch's CPU threads: the small downstream models run several times faster
+    on one thread than on two contended ones.
+    """
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    with open(log, "w") as out, open(log.with_suffix(".err"), "w") as err:
+        code = subprocess.call(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+    stdout = log.read_text()
+    if code != 0:
+        tail = "\n".join(log.with_suffix(".err").read_text().splitlines()[-15:])
+        raise UserError(f"{task}: run_downstream.py failed (exit {code}); command: "
+                        f"{shlex.join(command)}\nlogs: {log}, {log.with_suffix('.err')}\n{tail}")
+    return stdout
+
+
+def parse_metric(stdout: str, split: str, metric: str) -> float:
+    """The last `<split> <metric>: <value>` line s3prl printed."""
+    pattern = re.compile(rf"^{re.escape(split)} {re.escape(metric)}: (\S+)\s*$", re.MULTILINE)
+    found = pattern.findall(stdout)
+    if not found:
+        raise UserError(f"no '{split} {metric}: ...' line in run_downstream.py's output")
+    return float(found[-1])
+
+
+def pick_checkpoint(expdir: Path, spec: TaskSpec) -> Path:
+    """The best-on-dev checkpoint, else the last saved one (e.g. dev accuracy never rose above 0)."""
+    best = expdir / spec.best_checkpoint
+    if best.is_file():
+        return best
+    states = sorted(expdir.glob("states-*.ckpt"), key=lambda p: int(p.stem.split("-")[-1]))
+    if not states:
+        raise UserError(f"{expdir}: training saved no checkpoint; see {expdir / 'train.log'}")
+    return states[-1]
+
+
+def _fresh_expdir(expdir: Path) -> None:
+    if expdir.exists():
+        if not (expdir / MARKER_NAME).is_file() and any(expdir.iterdir()):
+            raise UserError(f"{expdir}: exists and was not made by `s3prl-ekd superb`; "
+                            "choose another --out; nothing was changed")
+        shutil.rmtree(expdir)
+    expdir.mkdir(parents=True)
+    (expdir / MARKER_NAME).write_text("made by s3prl-ekd superb; re-running replaces it\n")
+
+
+@dataclass
+class RunResult:
+    """One train + test run of a task (one fold for ER)."""
+
+    value: float  # metric in percent on the test split
+    steps: int
+    train_seconds: float
+    test_seconds: float
+    checkpoint: str
+    commands: list[str]
+
+
+def run_one(task: str, config: dict, expdir: Path, upstream: str, ckpt: str | None,
+            upstream_config: str | None, device: str, seed: int,
+            threads: int | None = None) -> RunResult:
+    """Train then test one recipe config in `expdir` with s3prl's run_downstream.py."""
+    spec = TASK_SPECS[task]
+    _fresh_expdir(expdir)
+    config_path = expdir / "recipe.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    train = ["-m", "train", "-u", upstream, "-d", spec.downstream, "-c", str(config_path),
+             "-p", str(expdir), "--device", device, "--seed", str(seed)]
+    if ckpt:
+        train += ["-k", str(ckpt)]
+    if upstream_config:
+        train += ["-g", str(upstream_config)]
+    train_cmd = downstream_command(train)
+    guard = voxceleb1_cache_cleared if task == "sid" else _no_guard
+    start = time.perf_counter()
+    with guard():
+        run_logged(train_cmd, expdir / "train.log", task, threads)
+    train_seconds = time.perf_counter() - start
+    checkpoint = pick_checkpoint(expdir, spec)
+    test_cmd = downstream_command(["-m", "evaluate", "-e", str(checkpoint), "-t", spec.test_split,
+                                   "--device", device])
+    start = time.perf_counter()
+    with guard():
+        stdout = run_logged(test_cmd, expdir / "test.log", task, threads)
+    test_seconds = time.perf_counter() - start
+    value = parse_metric(stdout, spec.test_split, spec.metric) * spec.to_percent
+    return RunResult(round(value, 4), int(config["runner"]["total_steps"]), round(train_seconds, 1),
+                     round(test_seconds, 1), str(checkpoint),
+                     [shlex.join(train_cmd), shlex.join(test_cmd)])
+
+
+@contextmanager
+def _no_guard():
+    yield
+
+
+def _file_stamp(path: str | None):
+    if not path:
+        return None
+    p = Path(path)
+    return [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else str(path)
+
+
+def run_task(task: str, upstream: str, ckpt: str | None, data_dir: Path, profile: str,
+             out_dir: Path, upstream_config: str | None, device: str, seed: int,
+             threads: int | None, force: bool, steps: int | None = None) -> dict:
+    """Run `task` (every ER fold the profile asks for) unless an identical run is on disk."""
+    spec = TASK_SPECS[task]
+    prepared = load_prepared(data_dir, task)
+    config = recipe_config(task, profile, prepared, steps)
+    folds = [None]
+    if task == "er":
+        folds = prepared.get("folds") or [config["downstream_expert"]["datarc"]["test_fold"]]
+        folds = folds if ALL_FOLDS[profile] else folds[:1]
+    fingerprint = hashlib.sha256(json.dumps(
+        [task, upstream, _file_stamp(ckpt), _file_stamp(upstream_config), profile, config,
+         prepared.get("fingerprint"), folds, device, seed], sort_keys=True).encode()).hexdigest()
+    task_dir = out_dir / task
+    result_path = task_dir / RESULT_NAME
+    if not force and result_path.is_file():
+        saved = json.loads(result_path.read_text())
+        if saved.get("fingerprint") == fingerprint:
+            return saved
+    runs = {}
+    for fold in folds:
+        if fold is None:
+            runs[task] = run_one(task, config, task_dir, upstream, ckpt, upstream_config, device,
+                                 seed, threads)
+        else:
+            fold_config = deep_merge(config, {"downstream_expert": {"datarc": {"test_fold": fold}}})
+            runs[fold] = run_one(task, fold_config, task_dir / fold, upstream, ckpt,
+                                 upstream_config, device, seed, threads)
+            (task_dir / MARKER_NAME).write_text("made by s3prl-ekd superb\n")
+    values = [r.value for r in runs.values()]
+    result = {
+        "task": task, "metric": spec.metric, "value": round(sum(values) / len(values), 4),
+        "steps": next(iter(runs.values())).steps,
+        "train_seconds": round(sum(r.train_seconds for r in runs.values()), 1),
+        "test_seconds": round(sum(r.test_seconds for r in runs.values()), 1),
+        "commands": [c for r in runs.values() for c in r.commands],
+        "runs": {name: asdict(r) for name, r in runs.items()},
+        "fingerprint": fingerprint,
+    }
+    result_path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os.PathLike,
+               tasks: str | list[str] = TASKS, profile: str = "cpu-small",
+               out_dir: str | os.PathLike = "results/superb", upstream_config: str | None = None,
+               device: str | None = None, seed: int = 1337, threads: int | None = None,
+               steps: int | None = None, force: bool = False, progress: bool = True) -> dict:
+    """Benchmark `upstream` on `tasks`; write and return results.json's content.
+
+    results["tasks"][task] holds the one test metric in percent (pr: per, sid: acc, er: acc,
+    asr: wer); results["runs"][task] the steps, times, checkpoints and exact commands.
+    A task whose identical run (same upstream, checkpoint file, config, data) is already in
+    `out_dir` is not run again unless `force`. `threads` (default: 1 on CPU, torch's choice on
+    GPU) sets OMP_NUM_THREADS for each run; `steps` shortens (or lengthens) every training run.
+    """
+    from tqdm import tqdm
+
+    names = parse_tasks(tasks)
+    data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
+    if ckpt and not str(ckpt).startswith(("http://", "https://")):
+        ckpt = str(Path(ckpt).resolve())
+        if not Path(ckpt).is_file():
+            raise UserError(f"{ckpt}: upstream checkpoint (-k) not found")
+    ckpt = str(ckpt) if ckpt else None
+    upstream_config = str(Path(upstream_config).resolve()) if upstream_config else None
+    device = device or default_device()
+    threads = threads if threads is not None else (1 if device == "cpu" else None)
+    for task in names:
+        recipe_config(task, profile, load_prepared(data_dir, task), steps)  # fail before training
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {"upstream": upstream, "tasks": {}, "upstream_ckpt": ckpt, "profile": profile,
+               "data": str(data_dir), "device": device, "seed": seed, "runs": {}}
+    bar = tqdm(names, desc=f"superb {upstream}", unit="task", disable=not progress)
+    for task in bar:
+        bar.set_postfix_str(task)
+        result = run_task(task, upstream, ckpt, data_dir, profile, out_dir, upstream_config,
+                          device, seed, threads, force, steps)
+        results["tasks"][task] = {result["metric"]: result["value"]}
+        results["runs"][task] = {k: result[k] for k in
+                                 ("steps", "train_seconds", "test_seconds", "commands", "runs")}
+        write_results(results, out_dir)  # a partial table survives an interrupted run
+    return results
+
+
+def write_results(results: dict, out_dir: Path) -> None:
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out_dir / "results.md").write_text(results_markdown(results))
+
+
+def results_markdown(results: dict) -> str:
+    arrow = {"per": "lower is better", "wer": "lower is better", "acc": "higher is better"}
+    lines = [f"# SUPERB-style results: {results['upstream']}", "",
+             f"- upstream checkpoint: {results.get('upstream_ckpt') or '-'}",
+             f"- profile: {results['profile']}; data: {results['data']}; device: {results['device']}",
+             "", "| task | metric (test, %) | value | steps | train s | test s |",
+             "|---|---|---|---|---|---|"]
+    for task, metrics in results["tasks"].items():
+        (metric, value), = metrics.items()
+        run = results["runs"][task]
+        lines.append(f"| {task} | {metric} ({arrow[metric]}) | {value:.2f} | {run['steps']} | "
+                     f"{run['train_seconds']:.0f} | {run['test_seconds']:.0f} |")
+    lines += ["", "## Commands", ""]
+    for task, run in results["runs"].items():
+        lines += [f"{task}:", "```"] + run["commands"] + ["```"]
+    return "\n".join(lines) + "\n"
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("superb", help="train + test an upstream on PR/SID/ER/ASR with "
+                                             "s3prl's run_downstream.py; writes results.json/.md")
+    p.add_argument("-u", "--upstream", required=True, help="s3prl upstream name, e.g. fbank, "
+                                                           "hubert_local, ekd_distiller")
+    p.add_argument("-k", "--ckpt", help="upstream checkpoint (for *_local / ekd_distiller)")
+    p.add_argument("-g", "--upstream-config", help="upstream model config (run_downstream.py -g)")
+    p.add_argument("--data", required=True, help="folder `s3prl-ekd prepare` wrote")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma list of pr,sid,er,asr")
+    p.add_argument("--profile", choices=PROFILES, default="cpu-small")
+    p.add_argument("--out", required=True, help="output folder (results.json, one folder per task)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--threads", type=int, help="CPU threads per run (default: 1 on CPU)")
+    p.add_argument("--steps", type=int, help="training steps per task (default: the profile's)")
+    p.add_argument("--force", action="store_true", help="re-run tasks that already have a result")
+
+    def _superb(args) -> int:
+        results = run_superb(args.upstream, args.ckpt, args.data, args.tasks, args.profile,
+                             args.out, args.upstream_config, args.device, args.seed,
+                             args.threads, args.steps, args.force)
+        print(results_markdown(results).split("## Commands")[0].rstrip())
+        print(f"wrote {Path(args.out).resolve() / 'results.json'}")
+        return 0
+
+    p.set_defaults(func=_superb)

@@ -1,0 +1,134 @@
+"""superb: recipe configs, metric parsing, and all four tasks through run_downstream.py with fbank."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import editdistance
+import pytest
+import yaml
+
+from s3prl_ekd import superb
+from s3prl_ekd.corpus import synthesize_corpus
+from s3prl_ekd.errors import ConfigError, UserError
+from s3prl_ekd.prepare import RECIPES_DIR, TASKS, prepare_all
+from s3prl_ekd.s3prl_bridge import installed_s3prl_dir
+
+
+def test_every_recipe_profile_is_complete():
+    for task in TASKS:
+        for profile in superb.PROFILES:
+            config = yaml.safe_load((RECIPES_DIR / task / f"{profile}.yaml").read_text())
+            assert {"runner", "optimizer", "downstream_expert"} <= set(config), (task, profile)
+            assert config["runner"]["total_steps"] % config["runner"]["eval_step"] == 0
+    small = yaml.safe_load((RECIPES_DIR / "asr" / "cpu-small.yaml").read_text())
+    paper = yaml.safe_load((RECIPES_DIR / "asr" / "superb.yaml").read_text())
+    assert paper["downstream_expert"]["modelrc"]["RNNs"]["dim"] == [1024, 1024]
+    assert small["runner"]["total_steps"] <= 500 < paper["runner"]["total_steps"]
+
+
+def test_recipe_config_takes_prepared_paths_and_steps():
+    prepared = {"config": {"downstream_expert": {"datarc": {"file_path": "/data/sid", "meta_data": "/m.txt"}}}}
+    config = superb.recipe_config("sid", "cpu-small", prepared, steps=6)
+    datarc = config["downstream_expert"]["datarc"]
+    assert (datarc["file_path"], datarc["meta_data"], datarc["max_timestep"]) == ("/data/sid", "/m.txt", 64000)
+    assert (config["runner"]["total_steps"], config["runner"]["eval_step"]) == (6, 3)
+    assert superb.recipe_config("sid", "superb", prepared)["runner"]["total_steps"] == 200000
+    with pytest.raises(ConfigError, match="--profile tiny"):
+        superb.recipe_config("sid", "tiny", prepared)
+    with pytest.raises(ConfigError, match="pr,asr,sid,er"):
+        superb.parse_tasks("pr,kws")
+
+
+def test_parse_metric_takes_the_last_matching_line():
+    out = "test loss: 3.2\ntest per: 0.75\ndev per: 0.1\ntest per: 0.5\ntest-clean wer: 12.5\n"
+    assert superb.parse_metric(out, "test", "per") == 0.5
+    assert superb.parse_metric(out, "test-clean", "wer") == 12.5
+    with pytest.raises(UserError, match="no 'test acc: ...' line"):
+        superb.parse_metric(out, "test", "acc")
+
+
+def test_checkpoint_choice_falls_back_to_the_last_states(tmp_path):
+    spec = superb.TASK_SPECS["sid"]
+    for step in (50, 100):
+        (tmp_path / f"states-{step}.ckpt").write_text("")
+    assert superb.pick_checkpoint(tmp_path, spec).name == "states-100.ckpt"
+    (tmp_path / "dev-best.ckpt").write_text("")
+    assert superb.pick_checkpoint(tmp_path, spec).name == "dev-best.ckpt"
+    assert superb.TASK_SPECS["asr"].best_checkpoint == "dev-clean-best.ckpt"
+
+
+def test_missing_prepare_output_is_reported_before_training(tmp_path):
+    with pytest.raises(UserError, match="run `s3prl-ekd prepare er"):
+        superb.run_superb("fbank", None, tmp_path, "er", out_dir=tmp_path / "r", progress=False)
+
+
+def ark(path: Path) -> dict[str, str]:
+    lines = path.read_text().splitlines()
+    return dict((line.split(" ", 1) + [""])[:2] for line in lines)
+
+
+def test_four_tasks_train_and_test_with_fbank(tmp_path):
+    manifest = synthesize_corpus(tmp_path / "corpus", utterances=40, speakers=4, seed=0, progress=False)
+    prepare_all(manifest, tmp_path / "data")
+    out = tmp_path / "results"
+    results = superb.run_superb("fbank", None, tmp_path / "data", "pr,sid,er,asr", "cpu-small",
+                                out, steps=4, progress=False)
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == results and saved["upstream"] == "fbank"
+    assert {t: list(m) for t, m in saved["tasks"].items()} == {
+        "pr": ["per"], "sid": ["acc"], "er": ["acc"], "asr": ["wer"]}
+
+    # Each metric equals what s3prl's own prediction files say, in percent.
+    def error_rate(hyp: dict, ref: dict, split) -> float:
+        errors = sum(editdistance.eval(split(hyp[k]), split(ref[k])) for k in ref)
+        return 100 * errors / sum(len(split(r)) for r in ref.values())
+
+    def accuracy(predicted: dict, truth: dict) -> float:
+        return 100 * sum(predicted[k] == truth[k] for k in truth) / len(truth)
+
+    per = error_rate(ark(out / "pr/test-hyp.ark"), ark(out / "pr/test-ref.ark"), lambda t: t.split(" "))
+    assert saved["tasks"]["pr"]["per"] == pytest.approx(per, abs=1e-3)
+    truth = ark(out / "sid/test_truth.txt")
+    assert len(truth) == 4
+    acc = accuracy(ark(out / "sid/test_predict.txt"), truth)
+    assert saved["tasks"]["sid"]["acc"] == pytest.approx(acc, abs=1e-3)
+    acc = accuracy(ark(out / "er/fold1/test_fold1_predict.txt"), ark(out / "er/fold1/test_fold1_truth.txt"))
+    assert saved["tasks"]["er"]["acc"] == pytest.approx(acc, abs=1e-3)
+    wer = error_rate(ark(out / "asr/test-clean-noLM-hyp.ark"), ark(out / "asr/test-clean-noLM-ref.ark"),
+                     str.split)
+    assert saved["tasks"]["asr"]["wer"] == pytest.approx(wer, abs=1e-3)
+
+    for task, run in saved["runs"].items():
+        assert run["steps"] == 4
+        train, test = run["commands"]
+        assert "-m train -u fbank" in train and f"-c {out / task}/" in train
+        assert "-m evaluate -e" in test
+    assert "-t test-clean" in saved["runs"]["asr"]["commands"][1]
+    assert "| pr | per" in (out / "results.md").read_text()
+    assert not (installed_s3prl_dir() / "downstream" / "voxceleb1" / ".cache").exists()
+
+    # An identical request is answered from disk, without training again.
+    stamp = (out / "pr" / superb.RESULT_NAME).stat().st_mtime_ns
+    again = superb.run_superb("fbank", None, tmp_path / "data", "pr", "cpu-small", out, steps=4,
+                              progress=False)
+    assert again["tasks"]["pr"] == saved["tasks"]["pr"]
+    assert (out / "pr" / superb.RESULT_NAME).stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("upstream", ["hubert_local", "ekd_distiller"])
+def test_checkpoint_upstreams_go_through_k(upstream, tmp_path, request):
+    if upstream == "hubert_local":
+        ckpt = request.getfixturevalue("tiny_teachers")["hubert_a"]
+    else:
+        ckpt = request.getfixturevalue("ekd_checkpoints")["layerwise_average"]
+    manifest = synthesize_corpus(tmp_path / "corpus", utterances=40, speakers=4, seed=0, progress=False)
+    prepare_all(manifest, tmp_path / "data")
+    results = superb.run_superb(upstream, ckpt, tmp_path / "data", "sid,pr", "cpu-small",
+                                tmp_path / "r", steps=4, progress=False)
+    assert 0 <= results["tasks"]["sid"]["acc"] <= 100 and results["tasks"]["pr"]["per"] >= 0
+    assert f"-u {upstream} -d voxceleb1" in results["runs"]["sid"]["commands"][0]
+    assert f"-k {ckpt}" in results["runs"]["sid"]["commands"][0]
