@@ -1,0 +1,45 @@
+"""The demo pipeline at its smallest sizes: every stage runs, then is cached; the report is complete."""
+
+import json
+
+from s3prl_ekd.demo import DemoConfig, mean_ranks, run_demo, student_plan, verdict
+
+
+def test_demo_smoke_and_cache(tmp_path):
+    config = DemoConfig(utterances=40, speakers=4, teacher_steps=3, student_steps=3, superb_steps=2)
+    report = run_demo(config, tmp_path / "out", tmp_path / "data", progress=False)
+    expected_stages = ["corpus", "prepare", "pretrain_audio", "teacher_hubert", "teacher_robust_hubert",
+                       "teacher_wavlm", "student_ekd_average", "superb_ekd_average"]
+    assert report["stages_run"] == expected_stages and report["stages_cached"] == []
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [row["name"] for row in saved["rows"]] == ["ekd_average"]
+    row = saved["rows"][0]
+    assert row["params"] > 0 and row["mean_rank"] == 1.0
+    assert set(row["metrics"]) == {"pr", "sid", "er", "asr"}
+    assert all(0.0 <= value <= 100.0 for value in row["metrics"].values())
+    for name in ("report.md", "loss_curves.png", "metrics.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert "| ekd_average | EKD student |" in (tmp_path / "out" / "report.md").read_text()
+
+    again = run_demo(config, tmp_path / "out", tmp_path / "data", progress=False)
+    assert again["stages_run"] == [] and again["stages_cached"] == expected_stages
+    assert again["rows"] == report["rows"]
+
+    # a changed student budget reruns that student and its benchmark only
+    changed = run_demo(DemoConfig(**{**config.__dict__, "student_steps": 4}), tmp_path / "out",
+                       tmp_path / "data", progress=False)
+    assert changed["stages_run"] == ["student_ekd_average", "superb_ekd_average"]
+
+
+def test_full_plan_and_ranks():
+    assert list(student_plan(DemoConfig(full=True))) == [
+        "ekd_average", "distil_hubert", "distil_robust_hubert", "distil_wavlm", "ekd_concat", "ekd_multihead"]
+    rows = [{"name": "ekd_average", "kind": "EKD student", "metrics": {"pr": 10.0, "sid": 50.0}},
+            {"name": "distil_hubert", "kind": "single-teacher student", "metrics": {"pr": 20.0, "sid": 50.0}},
+            {"name": "fbank", "kind": "baseline", "metrics": {"pr": 30.0, "sid": 10.0}}]
+    mean_ranks(rows, ["pr", "sid"])
+    # pr (lower better): 1, 2, 3; sid (higher better, tie shares rank 1): 1, 1, 3
+    assert [r["mean_rank"] for r in rows] == [1.0, 1.5, 3.0]
+    assert "ranks ahead" in verdict(rows)
+    rows[0]["mean_rank"] = 2.0
+    assert "does NOT beat" in verdict(rows)
