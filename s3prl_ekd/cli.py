@@ -13,6 +13,12 @@ import sys
 COMMAND_MODULES = [
     "s3prl_ekd.s3prl_bridge",  # pretrain, downstream, link, register
     "s3prl_ekd.corpus",  # corpus synth
+    "s3prl_ekd.export",  # export
+    "s3prl_ekd.prepare",  # prepare {pr,asr,sid,er,all}
+    "s3prl_ekd.superb",  # superb
+    "s3prl_ekd.bench",  # bench
+    "s3prl_ekd.teacher_training",  # teachers train
+    "s3prl_ekd.demo",  # demo
 ]
 
 

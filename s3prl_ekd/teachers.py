@@ -106,9 +106,13 @@ class TeacherEnsemble(nn.Module):
             check_averageable(dict(zip(self.names, self.dims)), "aggregation")
 
     def _autocast(self, device: torch.device):
-        if device.type == "cuda" and self.teacher_dtype in AUTOCAST_DTYPES:
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        if self.teacher_dtype in AUTOCAST_DTYPES:
             return torch.autocast("cuda", dtype=AUTOCAST_DTYPES[self.teacher_dtype])
-        return contextlib.nullcontext()
+        # float32 means float32 even inside the runner's fp16 autocast (large-norm teachers
+        # can overflow in fp16, s3prl issue 378)
+        return torch.autocast("cuda", enabled=False)
 
     @torch.inference_mode()
     def forward(self, wavs: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,0 +1,555 @@
+"""Benchmark of EKD pretraining: does one training step cost what its parts must
+(K frozen teacher forwards + one student forward/backward)? `s3prl-ekd bench`.
+
+Everything is measured in one process, with random-weight teachers of the real
+architectures and the real pretrain expert, interleaved so ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from s3prl_ekd.config import AGGREGATIONS
+from s3prl_ekd.errors import UserError
+
+SAMPLE_RATE = 16000
+# The three teachers of the paper (HuBERT Base, RobustHuBERT, WavLM Base+) as random-weight
+# models of the same architectures: (label, zoo kind, s3prl hub entry, seed). K uses the first K.
+TEACHERS = (("hubert", "hubert", "hubert_local", 0),
+            ("hubert_robust", "hubert", "hubert_local", 1),
+            ("wavlm", "wavlm", "wavlm_local", 2))
+# Hidden states the heads predict: DistilHuBERT's 4, 8, 12 for Base; all 3 layers of the tiny teachers.
+TEACHER_LAYERS = {"base": [4, 8, 12], "tiny": [1, 2, 3]}
+# Student of each size: DistilHuBERT (2 layers x 768, CNN + layers copied from the first teacher),
+# or the tiny student of pretrain_configs/tiny_cpu.yaml.
+STUDENTS = {
+    "base": {"encoder_layers": 2, "encoder_embed_dim": 768, "init_from_teacher": True},
+    "tiny": {"encoder_layers": 2, "encoder_embed_dim": 64, "encoder_ffn_embed_dim": 128,
+             "encoder_attention_heads": 4,
+             "conv_feature_layers": "[(64,10,5)] + [(64,3,2)] * 4 + [(64,2,2)] * 2",
+             "conv_pos": 16, "conv_pos_groups": 4, "init_from_teacher": False},
+}
+# The runner settings of pretrain_configs/runner.yaml (DistilHuBERT's recipe).
+OPTIMIZER = {"name": "AdamW_with_schedule", "lr": 2.0e-4, "warmup_proportion": 0.07,
+             "betas": [0.9, 0.98], "eps": 1.0e-6, "weight_decay": 0}
+TOTAL_STEPS = 200000
+GRADIENT_CLIPPING = 10.0
+LOG_STEP = 50  # steps are numbered so that none logs (as 49 of 50 runner steps)
+
+
+@dataclass
+class BenchSetting:
+    """What is measured: sizes, batch, repetitions."""
+
+    size: str = "tiny"                  # "tiny" | "base" (HuBERT Base / WavLM Base+ architectures)
+    device: str = "cpu"                 # "cpu" | "cuda"
+    ks: tuple[int, ...] = (1, 2, 3)
+    modes: tuple[str, ...] = AGGREGATIONS
+    batch_size: int = 4
+    seconds: float = 1.0                # length of every utterance of the timed batch
+    reps: int = 3                       # timed repetitions (median reported) after `warmup` ones
+    warmup: int = 1
+    inference_seconds: float = 10.0     # input of the student vs HuBERT inference comparison
+    loader_steps: int = 4               # training steps of the data-loader run
+    loader_workers: int = 2
+    teacher_dtype: str = "float32"      # autocast dtype of the teachers (CUDA only)
+    amp: bool = False                   # the runner's fp16 autocast + GradScaler (CUDA only)
+    threads: int | None = None          # torch intra-op threads (None: torch's default)
+
+
+def default_setting(size: str = "tiny", device: str = "cpu", **overrides) -> BenchSetting:
+    """Batch and repetitions fit for `size` on `device` (the issue's 4 x 4 s CPU, 24 x 15.6 s GPU)."""
+    if size not in TEACHER_LAYERS:
+        raise UserError(f"--size {size!r}: use one of {', '.join(TEACHER_LAYERS)}")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: use cpu or cuda")
+    if device == "cuda":
+        base = dict(batch_size=24, seconds=250000 / SAMPLE_RATE, reps=10, warmup=3, loader_steps=10,
+                    loader_workers=min(8, os.cpu_count() or 1), teacher_dtype="bfloat16", amp=True)
+    elif size == "base":
+        base = dict(batch_size=4, seconds=4.0, reps=5, warmup=1, loader_steps=5)
+    else:
+        base = dict(batch_size=4, seconds=2.0, reps=3, warmup=1, loader_steps=4)
+    return BenchSetting(size=size, device=device, **{**base, **overrides})
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of fn()."""
+    _synchronize(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    fn()
+    _synchronize(device)
+    return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+class PeakMemory:
+    """Peak memory since `reset()`: resident set size on CPU, allocated tensor bytes on CUDA.
+
+    On Linux the RSS high-water mark is reset through /proc/self/clear_refs; where that is
+    not possible the process-lifetime peak (getrusage) is reported and `kind` says so.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else "rss_since_reset"
+
+    def reset(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (VmHWM)
+        except OSError:
+            self.kind = "rss_process_lifetime_peak"
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self.kind == "rss_since_reset":
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+
+
+def timed_batch(setting: BenchSetting, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The timed batch: (B, S) noise at speech level, the last utterance 3/4 long (padding, as in a bucket)."""
+    samples = int(round(setting.seconds * SAMPLE_RATE))
+    generator = torch.Generator().manual_seed(seed)
+    wave = 0.1 * torch.randn(setting.batch_size, samples, generator=generator)
+    lengths = torch.full((setting.batch_size,), samples, dtype=torch.long)
+    if setting.batch_size > 1:
+        lengths[-1] = samples * 3 // 4
+        wave[-1, lengths[-1]:] = 0.0
+    return wave.to(device), lengths.to(device)
+
+
+class TrainStep:
+    """The s3prl pretrain runner's step, on an expert: forward, backward, clip, optimizer step."""
+
+    def __init__(self, expert, setting: BenchSetting):
+        from s3prl.optimizers import get_optimizer
+
+        self.expert = expert
+        self.optimizer = get_optimizer([expert.model], TOTAL_STEPS, OPTIMIZER)
+        self.amp = setting.amp and setting.device == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        self.global_step = 1
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.float16, enabled=self.amp)
+
+    def __call__(self, data) -> float:
+        with self.autocast():
+            loss, _ = self.expert(data, records=None, global_step=self.global_step, log_step=LOG_STEP)
+        self.global_step += 1 if (self.global_step + 1) % LOG_STEP else 2
+        if self.amp:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        value = loss.item()
+        if self.amp:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.expert.model.parameters(), GRADIENT_CLIPPING)
+        if self.amp:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif not math.isnan(grad_norm):
+            self.optimizer.step()
+        self.expert.on_before_zero_grad()
+        self.optimizer.zero_grad()
+        return value
+
+
+def student_step(expert, wave: torch.Tensor, lengths: torch.Tensor, targets: list[torch.Tensor],
+                 amp: bool) -> None:
+    """Student forward + heads + loss against fixed targets + backward (the caller drops the gradients)."""
+    from s3prl_ekd.loss import distill_loss, total_loss
+    from s3prl_ekd.pretrain_expert import align
+
+    with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+        out = expert.model(wave, lengths)
+        terms = [distill_loss(*align(pred, target, out.frame_lengths))
+                 for pred, target in zip(out.predictions, targets)]
+        loss = total_loss(terms, expert.head_weights, expert.config.loss.l1_weight,
+                          expert.config.loss.cosine_weight)
+    loss.backward()
+
+
+def _drop_grads(module: torch.nn.Module) -> None:
+    for p in module.parameters():
+        p.grad = None
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def teacher_checks(expert, step: TrainStep, data) -> dict:
+    """One extra (untimed) step that records how often each teacher runs and what it returns."""
+    calls = [0] * len(expert.teachers.upstreams)
+    handles = [upstream.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, upstream in enumerate(expert.teachers.upstreams)]
+    try:
+        step(data)
+    finally:
+        for handle in handles:
+            handle.remove()
+    wave, lengths = data
+    hiddens = expert.teachers([w[:n] for w, n in zip(wave, lengths.tolist())])
+    return {
+        "teacher_calls_per_step": calls,
+        "teacher_params_requiring_grad": sum(p.requires_grad for p in expert.teachers.parameters()),
+        "teacher_outputs_inference_mode": all(h.is_inference() and not h.requires_grad for h in hiddens),
+        # Only the selected layers come back: (B, L, T, D) with L = len(layers), per teacher.
+        "teacher_layers_kept": [h.shape[1] for h in hiddens],
+    }
+
+
+# -- one (mode, K) run ---------------------------------------------------------------------------
+
+def model_config(setting: BenchSetting, teacher_paths: dict[str, Path], k: int, mode: str) -> dict:
+    layers = TEACHER_LAYERS[setting.size]
+    teachers = [{"name": hub, "ckpt": str(teacher_paths[label]), "layers": list(layers)}
+                for label, _, hub, _ in TEACHERS[:k]]
+    teacher_dtype = setting.teacher_dtype if setting.device == "cuda" else "float32"
+    return {"teachers": teachers, "aggregation": mode, "student": dict(STUDENTS[setting.size]),
+            "teacher_dtype": teacher_dtype}
+
+
+def build_expert(setting: BenchSetting, teacher_paths: dict[str, Path], k: int, mode: str, audio_dir: Path):
+    from s3prl_ekd.pretrain_expert import UpstreamPretrainExpert
+
+    datarc = {"train_batch_size": setting.batch_size,
+              "sequence_length": int(round(setting.seconds * SAMPLE_RATE)),
+              "num_workers": setting.loader_workers, "audio_dir": str(audio_dir)}
+    expert = UpstreamPretrainExpert(datarc, model_config(setting, teacher_paths, k, mode), setting.device)
+    expert.to(setting.device)
+    expert.train()  # as s3prl's runner: student in train mode, teachers stay in eval
+    return expert
+
+
+def measure_run(expert, setting: BenchSetting, wave: torch.Tensor, lengths: torch.Tensor,
+                memory: PeakMemory) -> dict:
+    """Interleaved repetitions of t_teachers, t_student, t_step on one expert; medians.
+
+    Also: the median of the per-repetition ratios (parts timed back to back share the
+    machine's load) and the ratio of CPU-time medians (blind to other processes' load).
+    """
+    from s3prl_ekd import aggregation
+
+    device = torch.device(setting.device)
+    step = TrainStep(expert, setting)
+    wavs = [w[:n] for w, n in zip(wave, lengths.tolist())]
+    memory.reset()
+    # Targets for the student-alone timing, built once and outside inference mode like the step's.
+    targets = aggregation.build_targets(expert.config.aggregation, expert.teachers(wavs),
+                                        [t.weight for t in expert.config.teachers])
+    targets = [t.clone() for t in targets]
+    amp = step.amp
+    parts = {
+        "t_teachers": lambda: expert.teachers(wavs),
+        "t_student": lambda: student_step(expert, wave, lengths, targets, amp),
+        "t_step": lambda: step((wave, lengths)),
+    }
+    times = {name: [] for name in parts}
+    cpu_times = {name: [] for name in parts}
+    names = list(parts)
+    for rep in range(setting.warmup + setting.reps):
+        order = names[rep % 3:] + names[:rep % 3]  # rotate so no part always follows the same one
+        for name in order:
+            seconds, cpu_seconds = _timed(parts[name], device)
+            _drop_grads(expert.model)
+            if rep >= setting.warmup:
+                times[name].append(seconds)
+                cpu_times[name].append(cpu_seconds)
+    result = {name: statistics.median(values) for name, values in times.items()}
+    result["overhead_ratio"] = result["t_step"] / (result["t_teachers"] + result["t_student"])
+    result["peak_mem_bytes"] = memory.peak_bytes()
+    result["overhead_ratio_per_rep_median"] = statistics.median(
+        step / (teachers + student)
+        for teachers, student, step in zip(times["t_teachers"], times["t_student"], times["t_step"]))
+    cpu = {name: statistics.median(values) for name, values in cpu_times.items()}
+    result["cpu_times"] = cpu
+    result["overhead_ratio_cpu"] = cpu["t_step"] / (cpu["t_teachers"] + cpu["t_student"])
+    result["samples"] = {name: [round(v, 6) for v in values] for name, values in times.items()}
+    result["checks"] = teacher_checks(expert, step, (wave, lengths))
+    result["student_train_params"] = _count(expert.student)
+    return result
+
+
+# -- whole-program measurements ------------------------------------------------------------------
+
+def loader_share(expert, setting: BenchSetting) -> dict:
+    """Fraction of wall time spent waiting for the DataLoader over a short real run.
+
+    The first batch (worker start-up, paid once per run) is reported apart and not counted.
+    """
+    device = torch.device(setting.device)
+    step = TrainStep(expert, setting)
+    loader = expert.get_train_dataloader()
+    iterator = iter(loader)
+
+    def next_batch():
+        nonlocal iterator
+        try:
+            return next(iterator)
+        except StopIteration:
+            iterator = iter(loader)
+            return next(iterator)
+
+    start = time.perf_counter()
+    data = next_batch()
+    first_batch_s = time.perf_counter() - start
+    waited, start = 0.0, time.perf_counter()
+    for index in range(setting.loader_steps):
+        step(data)
+        _synchronize(device)
+        if index + 1 < setting.loader_steps:
+            before = time.perf_counter()
+            data = next_batch()
+            waited += time.perf_counter() - before
+    wall = time.perf_counter() - start
+    _drop_grads(expert.model)
+    return {"loader_share": waited / wall, "loader_wait_s": waited, "loader_wall_s": wall,
+            "loader_steps": setting.loader_steps, "loader_first_batch_s": first_batch_s,
+            "loader_workers": loader.num_workers, "loader_batches": len(loader)}
+
+
+@torch.inference_mode()
+def inference_speedup(expert, setting: BenchSetting) -> dict:
+    """Student (backbone, as a SUPERB upstream) vs the HuBERT teacher on one 10 s utterance."""
+    device = torch.device(setting.device)
+    samples = int(round(setting.inference_seconds * SAMPLE_RATE))
+    wav = 0.1 * torch.randn(samples, generator=torch.Generator().manual_seed(1)).to(device)
+    hubert = expert.teachers.upstreams[0]
+    student = expert.student
+    student.eval()
+    lengths = torch.tensor([samples], device=device)
+    try:
+        parts = {"student": lambda: student(wav[None], lengths, predict=False),
+                 "hubert": lambda: hubert([wav])}
+        times = {name: [] for name in parts}
+        for rep in range(setting.warmup + setting.reps):
+            for name, fn in parts.items():
+                seconds, _ = _timed(fn, device)
+                if rep >= setting.warmup:
+                    times[name].append(seconds)
+    finally:
+        student.train()
+    t_student, t_hubert = statistics.median(times["student"]), statistics.median(times["hubert"])
+    return {"inference_speedup_vs_hubert_base": t_hubert / t_student,
+            "inference_t_student": t_student, "inference_t_hubert": t_hubert,
+            "inference_seconds": setting.inference_seconds,
+            "inference_reference": f"hubert ({setting.size} architecture, random weights)"}
+
+
+def make_teachers(setting: BenchSetting, folder: Path) -> dict[str, Path]:
+    """Random-weight teachers (reused if already in `folder`) for the largest K."""
+    from s3prl_ekd.teacher_zoo import make_random_teacher
+
+    paths = {}
+    for label, kind, _, seed in TEACHERS[:max(setting.ks)]:
+        path = folder / f"{label}_{setting.size}_seed{seed}.pt"
+        if not path.is_file():
+            make_random_teacher(kind, path, size=setting.size, seed=seed)
+        paths[label] = path
+    return paths
+
+
+def make_audio(setting: BenchSetting, folder: Path) -> Path:
+    """espeak-ng speech for the loader run: enough utterances for every step's batch."""
+    from s3prl_ekd.corpus import STYLES, synthesize_corpus
+
+    speakers = len(STYLES)
+    # The corpus holds out dev and test sets of at least one utterance per speaker and style each.
+    utterances = max(setting.batch_size * (setting.loader_steps + 2), 3 * speakers)
+    synthesize_corpus(folder, utterances=utterances, speakers=speakers, progress=False)
+    return folder / "wav"
+
+
+def _check(setting: BenchSetting) -> None:
+    if setting.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to torch here; use --device cpu")
+    bad = [k for k in setting.ks if not 1 <= k <= len(TEACHERS)]
+    if bad or not setting.ks:
+        raise UserError(f"--k {bad or ''}: use values in 1..{len(TEACHERS)}, e.g. --k 1,2,3")
+    unknown = [m for m in setting.modes if m not in AGGREGATIONS]
+    if unknown or not setting.modes:
+        raise UserError(f"--modes {unknown or ''}: use some of {', '.join(AGGREGATIONS)}")
+    if setting.threads is not None and setting.threads < 1:
+        raise UserError(f"--threads {setting.threads}: use 1 or more")
+    if setting.reps < 1 or setting.warmup < 0 or setting.batch_size < 2 or setting.loader_steps < 2:
+        raise UserError("--reps >= 1, --warmup >= 0, --batch-size >= 2 and --loader-steps >= 2 are needed")
+
+
+def run_benchmark(setting: BenchSetting, workdir: str | os.PathLike | None = None,
+                  audio_dir: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> dict:
+    """Measure every (mode, K) of `setting`, the loader share and the inference speed-up.
+
+    Teachers (and generated audio, unless `audio_dir` is given) are written under `workdir`
+    (a temporary folder by default; a given one is reused across calls).
+    """
+    _check(setting)
+    threads = torch.get_num_threads()
+    if setting.threads is not None:
+        torch.set_num_threads(setting.threads)
+    try:
+        return _run_benchmark(setting, workdir, audio_dir, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_benchmark(setting: BenchSetting, workdir, audio_dir, log) -> dict:
+    with tempfile.TemporaryDirectory(prefix="ekd_bench_") as tmp:
+        work = Path(workdir) if workdir is not None else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        log(f"[bench] building {setting.size} teachers in {work}")
+        teacher_paths = make_teachers(setting, work / "teachers")
+        audio = Path(audio_dir) if audio_dir is not None else make_audio(setting, work / "speech")
+        device = torch.device(setting.device)
+        memory = PeakMemory(device)
+        wave, lengths = timed_batch(setting, device)
+        load_before = os.getloadavg()
+        runs = []
+        for k in sorted(setting.ks):
+            for mode in setting.modes:
+                expert = build_expert(setting, teacher_paths, k, mode, audio)
+                measured = measure_run(expert, setting, wave, lengths, memory)
+                runs.append({"mode": mode, "k": k, **measured})
+                log(f"[bench] {mode} K={k}: teachers {measured['t_teachers']:.3f} s, student "
+                    f"{measured['t_student']:.3f} s, step {measured['t_step']:.3f} s, "
+                    f"ratio {measured['overhead_ratio']:.3f}")
+                del expert
+                gc.collect()
+        # The loader run and the inference comparison use the largest K of the first mode.
+        expert = build_expert(setting, teacher_paths, max(setting.ks), setting.modes[0], audio)
+        loader = loader_share(expert, setting)
+        log(f"[bench] data loader share of wall time: {loader['loader_share']:.3f}")
+        inference = inference_speedup(expert, setting)
+        log(f"[bench] student vs HuBERT inference on {setting.inference_seconds:g} s: "
+            f"{inference['inference_speedup_vs_hubert_base']:.2f}x faster")
+        result = {
+            "device": setting.device,
+            "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                            else platform.processor() or platform.machine()),
+            "size": setting.size,
+            "setting": {**asdict(setting), "ks": list(setting.ks), "modes": list(setting.modes)},
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_before": list(load_before),
+            "load_average_after": list(os.getloadavg()),
+            "torch_version": torch.__version__,
+            "peak_mem_kind": memory.kind,
+            "student_params": _count(expert.student.backbone),
+            "teacher_params": {label: _count(u) for (label, *_), u in
+                               zip(TEACHERS, expert.teachers.upstreams)},
+            **loader,
+            **inference,
+            "runs": runs,
+        }
+        del expert
+    return result
+
+
+# -- reporting ------------------------------------------------------------------------------------
+
+def markdown_table(result: dict) -> str:
+    """The runs as a markdown table, with the whole-program figures below it."""
+    setting = result["setting"]
+    lines = ["| mode | K | t_teachers (s) | t_student (s) | t_step (s) | overhead ratio "
+             "| per-rep ratio | CPU-time ratio | peak mem (GiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in result["runs"]:
+        lines.append(f"| {run['mode']} | {run['k']} | {run['t_teachers']:.3f} | {run['t_student']:.3f} | "
+                     f"{run['t_step']:.3f} | {run['overhead_ratio']:.3f} | "
+                     f"{run['overhead_ratio_per_rep_median']:.3f} | {run['overhead_ratio_cpu']:.3f} | "
+                     f"{run['peak_mem_bytes'] / 2**30:.2f} |")
+    params = ", ".join(f"{name} {count / 1e6:.2f}M" for name, count in result["teacher_params"].items())
+    lines += [
+        "",
+        f"- device: {result['device']} ({result['device_name']}, {result['cpu_count']} CPUs, "
+        f"{result['torch_threads']} torch threads), torch {result['torch_version']}; "
+        f"load average before/after: {result['load_average_before'][0]:.2f} / {result['load_average_after'][0]:.2f}",
+        f"- size: {result['size']}; batch {setting['batch_size']} x {setting['seconds']:g} s; "
+        f"median of {setting['reps']} interleaved repetitions after {setting['warmup']} warm-up",
+        "- overhead ratio = t_step / (t_teachers + t_student) of the wall-time medians; per-rep ratio: median "
+        "of that ratio within each repetition; CPU-time ratio: the same from this process's CPU time",
+        f"- peak memory: {result['peak_mem_kind']}",
+        f"- data loader share of wall time: {result['loader_share']:.3f} "
+        f"({result['loader_steps']} steps, {result['loader_workers']} workers)",
+        f"- parameters: student {result['student_params'] / 1e6:.2f}M (without heads); teachers {params}",
+        f"- inference on {result['inference_seconds']:g} s: student {result['inference_t_student']:.3f} s, "
+        f"HuBERT {result['inference_t_hubert']:.3f} s, speed-up {result['inference_speedup_vs_hubert_base']:.2f}x",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: dict, json_path: str | os.PathLike, md_path: str | os.PathLike | None = None) -> Path:
+    """Write the JSON and the markdown table (default: the JSON path with .md); return the .md path."""
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    md_path = Path(md_path) if md_path is not None else json_path.with_suffix(".md")
+    md_path.write_text(markdown_table(result))
+    return md_path
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as error:
+        raise UserError(f"--k {text!r}: give comma-separated integers, e.g. 1,2,3") from error
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="time EKD training steps against their teacher and student parts")
+    p.add_argument("--json", required=True, help="output JSON (a markdown table is written beside it)")
+    p.add_argument("--md", default=None, help="markdown output (default: the --json path with .md)")
+    p.add_argument("--size", default="tiny", choices=sorted(TEACHER_LAYERS))
+    p.add_argument("--k", default="1,2,3", help="numbers of teachers, comma-separated (1..3)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--modes", default=",".join(AGGREGATIONS), help="aggregation modes, comma-separated")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default by size/device)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seconds", type=float, default=None, help="utterance length of the timed batch")
+    p.add_argument("--loader-steps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--audio-dir", default=None, help="audio for the loader run (default: espeak-ng speech)")
+    p.add_argument("--workdir", default=None, help="keep teachers and audio here and reuse them")
+
+    def _bench(args) -> int:
+        overrides = {name: getattr(args, name) for name in ("reps", "warmup", "batch_size", "seconds",
+                                                            "loader_steps", "threads") if getattr(args, name) is not None}
+        setting = default_setting(args.size, args.device, ks=_int_list(args.k),
+                                  modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+                                  **overrides)
+        result = run_benchmark(setting, workdir=args.workdir, audio_dir=args.audio_dir)
+        md_path = write_results(result, args.json, args.md)
+        print(markdown_table(result), end="")
+        print(f"wrote {args.json} and {md_path}")
+        return 0
+
+    p.set_defaults(func=_bench)
