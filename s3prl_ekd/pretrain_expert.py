@@ -101,7 +101,8 @@ class UpstreamPretrainExpert(nn.Module):
         records = defaultdict(list) if records is None else records
         self.last_global_step = global_step
         wave, lengths = (t.to(self.device, non_blocking=True) for t in data)
-        teacher_hiddens = self.teachers([w[:n] for w, n in zip(wave, lengths.tolist())])  # [K] (B, L, T, D_k); one host sync
+        # lengths.tolist(): one host sync per batch instead of one per utterance on CUDA
+        teacher_hiddens = self.teachers([w[:n] for w, n in zip(wave, lengths.tolist())])  # [K] (B, L, T, D_k)
         targets = aggregation.build_targets(self.config.aggregation, teacher_hiddens,
                                             [t.weight for t in self.config.teachers])
         out = self.model(wave, lengths)
