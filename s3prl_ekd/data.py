@@ -75,9 +75,8 @@ def scan_audio_dir(audio_dir: str, resample: bool, downmix: bool) -> list[tuple[
     rows = []
     for path in list_audio_files(audio_dir):
         info = audio_info(path)
-        load_check = dict(resample=resample, downmix=downmix)
         if info.frames == 0 or (info.channels != 1 and not downmix) or (info.samplerate != 16000 and not resample):
-            load_audio(path, **load_check)  # raises the AudioError that names the file and the fix
+            load_audio(path, resample=resample, downmix=downmix)  # raises the AudioError naming file and fix
         rows.append((path, round(info.frames * 16000 / info.samplerate)))
     return rows
 
