@@ -144,16 +144,7 @@ def align(prediction: torch.Tensor, target: torch.Tensor, frame_lengths: torch.T
 
 
 def load_student(path) -> EKDStudent:
-    """The student of an ekd_distiller checkpoint, loaded with torch.load(weights_only=True)."""
-    from s3prl_ekd.s3prl_bridge import allow_namespace_checkpoints
+    """The student of an ekd_distiller checkpoint (or exported model.pt), read with weights_only=True."""
+    from s3prl_ekd.export import read_checkpoint
 
-    try:
-        with allow_namespace_checkpoints():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as error:
-        raise CheckpointError(f"{path}: checkpoint not found") from error
-    except Exception as error:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(error).__name__}: {error})") from error
-    if not isinstance(state, dict) or STUDENT_KEY not in state:
-        raise CheckpointError(f"{path}: not an ekd_distiller checkpoint (no '{STUDENT_KEY}' entry)")
-    return student_from_dict(state[STUDENT_KEY])
+    return student_from_dict(read_checkpoint(path)["student"])

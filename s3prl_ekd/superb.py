@@ -7,6 +7,7 @@ Writes OUT/results.json and OUT/results.md.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import hashlib
@@ -195,7 +196,7 @@ def run_one(task: str, config: dict, expdir: Path, upstream: str, ckpt: str | No
     if upstream_config:
         train += ["-g", str(upstream_config)]
     train_cmd = downstream_command(train)
-    guard = voxceleb1_cache_cleared if task == "sid" else _no_guard
+    guard = voxceleb1_cache_cleared if task == "sid" else contextlib.nullcontext
     start = time.perf_counter()
     with guard():
         run_logged(train_cmd, expdir / "train.log", task, threads)
@@ -211,11 +212,6 @@ def run_one(task: str, config: dict, expdir: Path, upstream: str, ckpt: str | No
     return RunResult(round(value, 4), int(config["runner"]["total_steps"]), round(train_seconds, 1),
                      round(test_seconds, 1), str(checkpoint),
                      [shlex.join(train_cmd), shlex.join(test_cmd)])
-
-
-@contextmanager
-def _no_guard():
-    yield
 
 
 def _file_stamp(path: str | None):
