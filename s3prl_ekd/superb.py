@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -275,7 +276,8 @@ def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os
                tasks: str | list[str] = TASKS, profile: str = "cpu-small",
                out_dir: str | os.PathLike = "results/superb", upstream_config: str | None = None,
                device: str | None = None, seed: int = 1337, threads: int | None = None,
-               steps: int | None = None, force: bool = False, progress: bool = True) -> dict:
+               steps: int | None = None, force: bool = False, progress: bool = True,
+               jobs: int | None = None) -> dict:
     """Benchmark `upstream` on `tasks`; write and return results.json's content.
 
     results["tasks"][task] holds the one test metric in percent (pr: per, sid: acc, er: acc,
@@ -283,6 +285,8 @@ def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os
     A task whose identical run (same upstream, checkpoint file, config, data) is already in
     `out_dir` is not run again unless `force`. `threads` (default: 1 on CPU, torch's choice on
     GPU) sets OMP_NUM_THREADS for each run; `steps` shortens (or lengthens) every training run.
+    `jobs` tasks run at once (default: on CPU, as many as the cores hold at `threads` each;
+    on GPU, one). Each task is its own seeded process, so the numbers do not depend on `jobs`.
     """
     from tqdm import tqdm
 
@@ -296,20 +300,32 @@ def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os
     upstream_config = str(Path(upstream_config).resolve()) if upstream_config else None
     device = device or default_device()
     threads = threads if threads is not None else (1 if device == "cpu" else None)
+    if jobs is None:
+        jobs = max(1, (os.cpu_count() or 1) // (threads or 1)) if device == "cpu" else 1
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: use 1 or more")
     for task in names:
         recipe_config(task, profile, load_prepared(data_dir, task), steps)  # fail before training
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {"upstream": upstream, "tasks": {}, "upstream_ckpt": ckpt, "profile": profile,
                "data": str(data_dir), "device": device, "seed": seed, "runs": {}}
-    bar = tqdm(names, desc=f"superb {upstream}", unit="task", disable=not progress)
-    for task in bar:
-        bar.set_postfix_str(task)
-        result = run_task(task, upstream, ckpt, data_dir, profile, out_dir, upstream_config,
-                          device, seed, threads, force, steps)
-        results["tasks"][task] = {result["metric"]: result["value"]}
-        results["runs"][task] = {k: result[k] for k in
-                                 ("steps", "train_seconds", "test_seconds", "commands", "runs")}
-        write_results(results, out_dir)  # a partial table survives an interrupted run
+    done = {}
+    with ThreadPoolExecutor(max_workers=min(jobs, len(names))) as pool, \
+            tqdm(total=len(names), desc=f"superb {upstream}", unit="task", disable=not progress) as bar:
+        futures = {pool.submit(run_task, task, upstream, ckpt, data_dir, profile, out_dir, upstream_config,
+                               device, seed, threads, force, steps): task for task in names}
+        for future in as_completed(futures):
+            if future.exception() is not None:
+                pool.shutdown(wait=True, cancel_futures=True)  # tasks not started yet never start
+                raise future.exception()
+            done[futures[future]] = future.result()
+            bar.update(1)
+            ordered = [t for t in names if t in done]  # the table keeps the order asked for
+            results["tasks"] = {t: {done[t]["metric"]: done[t]["value"]} for t in ordered}
+            results["runs"] = {t: {k: done[t][k] for k in
+                                   ("steps", "train_seconds", "test_seconds", "commands", "runs")}
+                               for t in ordered}
+            write_results(results, out_dir)  # a partial table survives an interrupted run
     return results
 
 
@@ -351,12 +367,13 @@ def register_cli(subparsers) -> None:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, help="CPU threads per run (default: 1 on CPU)")
     p.add_argument("--steps", type=int, help="training steps per task (default: the profile's)")
+    p.add_argument("--jobs", type=int, help="tasks run at once (default: CPU cores / threads; 1 on GPU)")
     p.add_argument("--force", action="store_true", help="re-run tasks that already have a result")
 
     def _superb(args) -> int:
         results = run_superb(args.upstream, args.ckpt, args.data, args.tasks, args.profile,
                              args.out, args.upstream_config, args.device, args.seed,
-                             args.threads, args.steps, args.force)
+                             args.threads, args.steps, args.force, jobs=args.jobs)
         print(results_markdown(results).split("## Commands")[0].rstrip())
         print(f"wrote {Path(args.out).resolve() / 'results.json'}")
         return 0

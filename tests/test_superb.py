@@ -74,10 +74,11 @@ def test_four_tasks_train_and_test_with_fbank(tmp_path):
     prepare_all(manifest, tmp_path / "data")
     out = tmp_path / "results"
     results = superb.run_superb("fbank", None, tmp_path / "data", "pr,sid,er,asr", "cpu-small",
-                                out, steps=4, progress=False)
+                                out, steps=4, progress=False, jobs=2)
 
     saved = json.loads((out / "results.json").read_text())
     assert saved == results and saved["upstream"] == "fbank"
+    assert list(saved["tasks"]) == list(saved["runs"]) == ["pr", "sid", "er", "asr"]  # asked order, not finish order
     assert {t: list(m) for t, m in saved["tasks"].items()} == {
         "pr": ["per"], "sid": ["acc"], "er": ["acc"], "asr": ["wer"]}
 
@@ -116,6 +117,16 @@ def test_four_tasks_train_and_test_with_fbank(tmp_path):
                               progress=False)
     assert again["tasks"]["pr"] == saved["tasks"]["pr"]
     assert (out / "pr" / superb.RESULT_NAME).stat().st_mtime_ns == stamp
+
+    # Tasks run side by side (jobs=2 above) give the numbers they give one after another.
+    serial = superb.run_superb("fbank", None, tmp_path / "data", "er,sid", "cpu-small", tmp_path / "serial",
+                               steps=4, progress=False, jobs=1)
+    assert serial["tasks"] == {"er": saved["tasks"]["er"], "sid": saved["tasks"]["sid"]}
+
+
+def test_jobs_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="--jobs 0"):
+        superb.run_superb("fbank", None, tmp_path, "er", out_dir=tmp_path / "r", progress=False, jobs=0)
 
 
 @pytest.mark.slow
