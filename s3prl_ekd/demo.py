@@ -87,6 +87,18 @@ def student_plan(config: DemoConfig) -> dict[str, tuple[list[str], str]]:
     return plan
 
 
+def table_rows(config: DemoConfig, teachers: dict[str, Path], students: dict[str, Path]) -> list[tuple]:
+    """(name, s3prl upstream, checkpoint, kind) per row, in the paper's order: fbank and the teachers
+    (FULL only), the single-teacher students, then the EKD students."""
+    rows = []
+    if config.full:
+        rows.append(("fbank", "fbank", None, "baseline"))
+        rows += [(f"teacher_{k}", TEACHER_HUB[k], teachers[k], "teacher") for k in TEACHER_KINDS]
+    rows += [(n, "ekd_distiller", c, "single-teacher student") for n, c in students.items() if not n.startswith("ekd")]
+    rows += [(n, "ekd_distiller", c, "EKD student") for n, c in students.items() if n.startswith("ekd")]
+    return rows
+
+
 def pretrain_student(name: str, kinds: list[str], aggregation: str, teachers: dict[str, Path],
                      audio_dir: Path, work: Path, config: DemoConfig) -> Path:
     """Distil one student with `s3prl-ekd pretrain` (s3prl's runner); returns its final checkpoint."""
@@ -266,15 +278,7 @@ def run_demo(config: DemoConfig, out: str | os.PathLike = "results/demo",
             n, k, a, teachers, audio_dir, student_dir, config))
         students[name] = final_checkpoint(expdir)
 
-    # Rows of the table: fbank and the teachers in FULL mode, the students always.
-    upstreams = []
-    if config.full:
-        upstreams.append(("fbank", "fbank", None, "baseline"))
-        upstreams += [(f"teacher_{k}", TEACHER_HUB[k], teachers[k], "teacher") for k in TEACHER_KINDS]
-    for name, ckpt in students.items():
-        kind = "EKD student" if name.startswith("ekd") else "single-teacher student"
-        upstreams.append((name, "ekd_distiller", ckpt, kind))
-
+    upstreams = table_rows(config, teachers, students)
     report_rows = []
     for name, upstream, ckpt, kind in upstreams:
         results_dir = out / "superb" / name

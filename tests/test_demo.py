@@ -2,7 +2,9 @@
 
 import json
 
-from s3prl_ekd.demo import DemoConfig, Stages, mean_ranks, run_demo, student_plan, verdict
+from pathlib import Path
+
+from s3prl_ekd.demo import DemoConfig, Stages, mean_ranks, run_demo, student_plan, table_rows, verdict
 
 
 def test_demo_smoke_and_cache(tmp_path):
@@ -30,6 +32,16 @@ def test_demo_smoke_and_cache(tmp_path):
 def test_full_plan_and_ranks():
     assert list(student_plan(DemoConfig(full=True))) == [
         "ekd_average", "distil_hubert", "distil_robust_hubert", "distil_wavlm", "ekd_concat", "ekd_multihead"]
+    config = DemoConfig(full=True)
+    teachers = {k: Path(f"{k}.pt") for k in ("hubert", "robust_hubert", "wavlm")}
+    students = {name: Path(f"{name}.ckpt") for name in student_plan(config)}
+    assert [(name, kind) for name, _, _, kind in table_rows(config, teachers, students)] == [
+        ("fbank", "baseline"), ("teacher_hubert", "teacher"), ("teacher_robust_hubert", "teacher"),
+        ("teacher_wavlm", "teacher"), ("distil_hubert", "single-teacher student"),
+        ("distil_robust_hubert", "single-teacher student"), ("distil_wavlm", "single-teacher student"),
+        ("ekd_average", "EKD student"), ("ekd_concat", "EKD student"), ("ekd_multihead", "EKD student")]
+    assert [row[1] for row in table_rows(config, teachers, students)][:5] == [
+        "fbank", "hubert_local", "hubert_local", "wavlm_local", "ekd_distiller"]
     rows = [{"name": "ekd_average", "kind": "EKD student", "metrics": {"pr": 10.0, "sid": 50.0}},
             {"name": "distil_hubert", "kind": "single-teacher student", "metrics": {"pr": 20.0, "sid": 50.0}},
             {"name": "fbank", "kind": "baseline", "metrics": {"pr": 30.0, "sid": 10.0}}]
