@@ -187,6 +187,10 @@ def verdict(rows: list[dict]) -> str:
     if best_ekd["mean_rank"] < best_single["mean_rank"]:
         return (f"On this miniature, the best EKD student ({best_ekd['name']}, mean rank {best_ekd['mean_rank']}) "
                 f"ranks ahead of the best single-teacher student ({best_single['name']}, {best_single['mean_rank']}).")
+    if best_ekd["mean_rank"] == best_single["mean_rank"]:
+        return (f"On this miniature, EKD does NOT beat the single-teacher students; it ties: best EKD student "
+                f"{best_ekd['name']} and best single-teacher student {best_single['name']} both have mean rank "
+                f"{best_ekd['mean_rank']}.")
     return (f"On this miniature, EKD does NOT beat the single-teacher students: best EKD student "
             f"{best_ekd['name']} has mean rank {best_ekd['mean_rank']}, best single-teacher student "
             f"{best_single['name']} {best_single['mean_rank']}.")

@@ -50,7 +50,9 @@ def test_full_plan_and_ranks():
     assert [r["mean_rank"] for r in rows] == [1.0, 1.5, 3.0]
     assert "ranks ahead" in verdict(rows)
     rows[0]["mean_rank"] = 2.0
-    assert "does NOT beat" in verdict(rows)
+    assert "does NOT beat" in verdict(rows) and "ties" not in verdict(rows)
+    rows[0]["mean_rank"] = 1.5
+    assert "does NOT beat the single-teacher students; it ties" in verdict(rows)
 
 
 def test_stage_reruns_when_its_key_or_output_changes(tmp_path):
