@@ -301,7 +301,8 @@ def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os
     device = device or default_device()
     threads = threads if threads is not None else (1 if device == "cpu" else None)
     if jobs is None:
-        jobs = max(1, (os.cpu_count() or 1) // (threads or 1)) if device == "cpu" else 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        jobs = max(1, cores // (threads or 1)) if device == "cpu" else 1  # cores this process may use
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: use 1 or more")
     for task in names:
