@@ -6,7 +6,6 @@ corpus -> prepare -> teachers -> students -> superb -> report.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from s3prl_ekd.errors import UserError
+from s3prl_ekd.outputs import fingerprint
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TEACHER_KINDS = ("hubert", "robust_hubert", "wavlm")
@@ -46,7 +46,7 @@ class DemoConfig:
 
 
 def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint(*parts)[:16]
 
 
 class Stages:

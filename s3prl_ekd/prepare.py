@@ -8,7 +8,6 @@ re-running with unchanged inputs does nothing.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import re
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from s3prl_ekd.errors import AudioError, ConfigError, UserError
+from s3prl_ekd.outputs import fingerprint, fresh_owned_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = PROJECT_ROOT / "downstream_recipes"
@@ -165,35 +165,17 @@ class PrepareReport:
         return "\n".join(lines)
 
 
-def _fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps([PREPARE_VERSION, *parts], sort_keys=True,
-                                     default=str).encode()).hexdigest()
-
-
 def _file_stamps(paths: Iterable[Path]) -> list:
     return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
 
 
-def _up_to_date(out: Path, fingerprint: str) -> dict | None:
+def _up_to_date(out: Path, key: str) -> dict | None:
     prepared = out / PREPARED_NAME
     if prepared.is_file():
         info = json.loads(prepared.read_text())
-        if info.get("fingerprint") == fingerprint:
+        if info.get("fingerprint") == key:
             return info
     return None
-
-
-def _fresh_dir(out: Path) -> Path:
-    """Empty `out` for writing; only a folder prepare made itself is ever removed."""
-    if out.exists():
-        if (out / MARKER_NAME).is_file():
-            shutil.rmtree(out)
-        elif out.is_dir() and any(out.iterdir()):
-            raise UserError(f"{out}: exists, is not empty and was not made by `s3prl-ekd prepare`; "
-                            "choose another --out; nothing was changed")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER_NAME).write_text("made by s3prl-ekd prepare; re-running prepare replaces it\n")
-    return out
 
 
 def _write_prepared(out: Path, info: dict) -> None:
@@ -288,15 +270,15 @@ def _prepare_from_manifest(task: str, manifest, out: Path, progress: bool, optio
     rows = read_manifest(manifest, REQUIRED[task])
     durations = check_audio_files([(f"{manifest}:{r.line}", r.audio) for r in rows], progress)
     check(rows)
-    fingerprint = _fingerprint(task, str(Path(manifest).resolve()), [r.__dict__ for r in rows],
+    key = fingerprint(PREPARE_VERSION, task, str(Path(manifest).resolve()), [r.__dict__ for r in rows],
                                _file_stamps(r.audio for r in rows), options)
     task_out = out / task
     summary = _split_summary(rows, durations)
-    if (info := _up_to_date(task_out, fingerprint)) is not None:
+    if (info := _up_to_date(task_out, key)) is not None:
         return PrepareReport(task, task_out, summary, up_to_date=True, notes=info.get("notes", []))
-    config, notes, extra = build(rows, _fresh_dir(task_out))
+    config, notes, extra = build(rows, fresh_owned_dir(task_out, MARKER_NAME, "s3prl-ekd prepare"))
     _write_prepared(task_out, {"task": task, "source": str(Path(manifest).resolve()),
-                               "fingerprint": fingerprint, "config": config, "splits": summary,
+                               "fingerprint": key, "config": config, "splits": summary,
                                "notes": notes, **extra})
     return PrepareReport(task, task_out, summary, notes=notes)
 
@@ -499,14 +481,14 @@ def _real_report(task: str, task_out: Path, sets: dict[str, list], durations: Se
     return PrepareReport(task, task_out, summary, up_to_date=up_to_date, notes=notes)
 
 
-def _finish_real(task: str, task_out: Path, fingerprint: str, config: dict, extra: dict,
+def _finish_real(task: str, task_out: Path, key: str, config: dict, extra: dict,
                  write) -> bool:
     """Write a real-corpus task folder unless up to date; returns whether it was up to date."""
-    if _up_to_date(task_out, fingerprint) is not None:
+    if _up_to_date(task_out, key) is not None:
         return True
-    _fresh_dir(task_out)
+    fresh_owned_dir(task_out, MARKER_NAME, "s3prl-ekd prepare")
     write()
-    _write_prepared(task_out, {"task": task, "fingerprint": fingerprint, "config": config, **extra})
+    _write_prepared(task_out, {"task": task, "fingerprint": key, "config": config, **extra})
     return False
 
 
@@ -539,9 +521,9 @@ def prepare_pr_librispeech(librispeech: str | os.PathLike, out: str | os.PathLik
         "corpus": {"path": str(root), "train": [sets[0]], "dev": [sets[1]], "test": [sets[2]],
                    "lexicon": [str(p) for p in lexicon], "transcripts": "words"},
         "text": {"vocab_file": str(vocab)}}}
-    fingerprint = _fingerprint("pr-librispeech", config, _file_stamps(lexicon), len(all_files))
+    key = fingerprint(PREPARE_VERSION, "pr-librispeech", config, _file_stamps(lexicon), len(all_files))
     task_out = out / "pr"
-    up = _finish_real("pr", task_out, fingerprint, config, {"source": str(root)}, lambda: None)
+    up = _finish_real("pr", task_out, key, config, {"source": str(root)}, lambda: None)
     return _real_report("pr", task_out, files, durations, SPLITS, up,
                         [f"lexicon {[str(p) for p in lexicon]}, vocabulary {vocab}"])
 
@@ -563,8 +545,8 @@ def prepare_asr_librispeech(librispeech: str | os.PathLike, out: str | os.PathLi
     config = {"downstream_expert": {"datarc": {
         "libri_root": str(root), "bucket_file": str(bucket), "dict_path": str(CHAR_DICT),
         "train": [sets[0]], "dev-clean": [sets[1]], "test-clean": [sets[2]]}}}
-    fingerprint = _fingerprint("asr-librispeech", config, _file_stamps(all_files))
-    up = _finish_real("asr", task_out, fingerprint, config, {"source": str(root)},
+    key = fingerprint(PREPARE_VERSION, "asr-librispeech", config, _file_stamps(all_files))
+    up = _finish_real("asr", task_out, key, config, {"source": str(root)},
                       lambda: _write_bucket_csvs(bucket, root, files))
     return _real_report("asr", task_out, files, durations, SPLITS, up, [])
 
@@ -603,8 +585,8 @@ def prepare_sid_voxceleb1(voxceleb1: str | os.PathLike, out: str | os.PathLike,
     durations = check_audio_files([(str(split_file), f) for key in "123" for f in sets[key]], progress)
     config = {"downstream_expert": {"datarc": {"file_path": str(root), "meta_data": str(split_file)}}}
     task_out = out / "sid"
-    fingerprint = _fingerprint("sid-voxceleb1", config, _file_stamps([split_file]), len(found))
-    up = _finish_real("sid", task_out, fingerprint, config, {"source": str(root)}, lambda: None)
+    key = fingerprint(PREPARE_VERSION, "sid-voxceleb1", config, _file_stamps([split_file]), len(found))
+    up = _finish_real("sid", task_out, key, config, {"source": str(root)}, lambda: None)
     return _real_report("sid", task_out, sets, durations, SPLITS, up, [f"split file {split_file}"])
 
 
@@ -622,7 +604,7 @@ def prepare_er_iemocap(iemocap: str | os.PathLike, out: str | os.PathLike,
         raise UserError(f"{root}: the path above IEMOCAP's Session folders contains 'Session'; "
                         "move or link the corpus elsewhere")
     task_out = out / "er"
-    fingerprint = _fingerprint("er-iemocap", str(root), sessions)
+    key = fingerprint(PREPARE_VERSION, "er-iemocap", str(root), sessions)
     folds = [f"fold{s.removeprefix('Session')}" for s in sessions]
     config = {"downstream_expert": {"datarc": {
         "root": str(root), "meta_data": str(task_out / "meta_data"), "test_fold": folds[0]}}}
@@ -634,7 +616,7 @@ def prepare_er_iemocap(iemocap: str | os.PathLike, out: str | os.PathLike,
             preprocess(str(root), sessions[:i] + sessions[i + 1:], str(folder / "train_meta_data.json"))
             preprocess(str(root), [session], str(folder / "test_meta_data.json"))
 
-    up = _finish_real("er", task_out, fingerprint, config, {"source": str(root), "folds": folds}, write)
+    up = _finish_real("er", task_out, key, config, {"source": str(root), "folds": folds}, write)
     first = json.loads((task_out / "meta_data" / sessions[0] / "train_meta_data.json").read_text())
     second = json.loads((task_out / "meta_data" / sessions[0] / "test_meta_data.json").read_text())
     items = first["meta_data"] + second["meta_data"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from s3prl_ekd.errors import ConfigError, UserError
+from s3prl_ekd.outputs import fingerprint, fresh_owned_dir
 from s3prl_ekd.prepare import PREPARED_NAME, RECIPES_DIR, TASKS
 
 PROFILES = ("cpu-small", "superb")
@@ -160,16 +160,6 @@ def pick_checkpoint(expdir: Path, spec: TaskSpec) -> Path:
     return states[-1]
 
 
-def _fresh_expdir(expdir: Path) -> None:
-    if expdir.exists():
-        if not (expdir / MARKER_NAME).is_file() and any(expdir.iterdir()):
-            raise UserError(f"{expdir}: exists and was not made by `s3prl-ekd superb`; "
-                            "choose another --out; nothing was changed")
-        shutil.rmtree(expdir)
-    expdir.mkdir(parents=True)
-    (expdir / MARKER_NAME).write_text("made by s3prl-ekd superb; re-running replaces it\n")
-
-
 @dataclass
 class RunResult:
     """One train + test run of a task (one fold for ER)."""
@@ -187,7 +177,7 @@ def run_one(task: str, config: dict, expdir: Path, upstream: str, ckpt: str | No
             threads: int | None = None) -> RunResult:
     """Train then test one recipe config in `expdir` with s3prl's run_downstream.py."""
     spec = TASK_SPECS[task]
-    _fresh_expdir(expdir)
+    fresh_owned_dir(expdir, MARKER_NAME, "s3prl-ekd superb")
     config_path = expdir / "recipe.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     train = ["-m", "train", "-u", upstream, "-d", spec.downstream, "-c", str(config_path),
@@ -233,14 +223,13 @@ def run_task(task: str, upstream: str, ckpt: str | None, data_dir: Path, profile
     if task == "er":
         folds = prepared.get("folds") or [config["downstream_expert"]["datarc"]["test_fold"]]
         folds = folds if ALL_FOLDS[profile] else folds[:1]
-    fingerprint = hashlib.sha256(json.dumps(
-        [task, upstream, _file_stamp(ckpt), _file_stamp(upstream_config), profile, config,
-         prepared.get("fingerprint"), folds, device, seed], sort_keys=True).encode()).hexdigest()
+    key = fingerprint(task, upstream, _file_stamp(ckpt), _file_stamp(upstream_config), profile, config,
+                      prepared.get("fingerprint"), folds, device, seed)
     task_dir = out_dir / task
     result_path = task_dir / RESULT_NAME
     if not force and result_path.is_file():
         saved = json.loads(result_path.read_text())
-        if saved.get("fingerprint") == fingerprint:
+        if saved.get("fingerprint") == key:
             return saved
     runs = {}
     for fold in folds:
@@ -260,7 +249,7 @@ def run_task(task: str, upstream: str, ckpt: str | None, data_dir: Path, profile
         "test_seconds": round(sum(r.test_seconds for r in runs.values()), 1),
         "commands": [c for r in runs.values() for c in r.commands],
         "runs": {name: asdict(r) for name, r in runs.items()},
-        "fingerprint": fingerprint,
+        "fingerprint": key,
     }
     result_path.write_text(json.dumps(result, indent=1) + "\n")
     return result
