@@ -1,6 +1,7 @@
 """`s3prl-ekd` command line: one thin subcommand per library function.
 
-Each module listed in COMMAND_MODULES defines `register_cli(subparsers)`, which
+`pretrain` and `downstream` hand their arguments, untouched, to s3prl's own scripts (see
+plugin/runner.py). Each module in COMMAND_MODULES defines `register_cli(subparsers)`, which
 adds its subcommand(s) and sets `func(args) -> int` on them.
 """
 
@@ -11,15 +12,51 @@ import importlib
 import sys
 
 COMMAND_MODULES = [
-    "s3prl_ekd.s3prl_bridge",  # pretrain, downstream, link, register
-    "s3prl_ekd.corpus",  # corpus synth
-    "s3prl_ekd.export",  # export
-    "s3prl_ekd.prepare",  # prepare {pr,asr,sid,er,all}
-    "s3prl_ekd.superb",  # superb
-    "s3prl_ekd.bench",  # bench
-    "s3prl_ekd.teacher_training",  # teachers train
-    "s3prl_ekd.demo",  # demo
+    "s3prl_ekd.demo.corpus",  # corpus synth
+    "s3prl_ekd.tools.export",  # export
+    "s3prl_ekd.recipes.prepare",  # prepare {pr,asr,sid,er,all}
+    "s3prl_ekd.recipes.superb",  # superb
+    "s3prl_ekd.tools.bench",  # bench
+    "s3prl_ekd.demo.teacher_training",  # teachers train
+    "s3prl_ekd.demo.pipeline",  # demo
 ]
+PASSTHROUGH = ("pretrain", "downstream")
+
+
+def _register_plugin_commands(subparsers) -> None:
+    from s3prl_ekd.plugin import hub, runner
+
+    subparsers.add_parser("pretrain", add_help=False,
+                          help="s3prl's run_pretrain.py (same arguments), e.g. -u ekd_distiller -g CONFIG -n NAME")
+    subparsers.add_parser("downstream", add_help=False, help="s3prl's run_downstream.py (same arguments)")
+
+    p = subparsers.add_parser("link", help="make `run_pretrain.py -u ekd_distiller` work in an s3prl checkout")
+    p.add_argument("s3prl_dir", nargs="?", help="s3prl checkout or package folder (default: the installed s3prl)")
+    p.add_argument("--unlink", action="store_true", help="remove what link created")
+
+    def _link(args):
+        if args.unlink:
+            removed = runner.unlink(args.s3prl_dir)
+            print(f"removed {removed}" if removed else "nothing to unlink")
+        else:
+            print(f"linked {runner.link(args.s3prl_dir)}")
+        return 0
+
+    p.set_defaults(func=_link)
+
+    p = subparsers.add_parser("register", help="write (or --unregister: remove) the start-up hook that adds "
+                                               "ekd_distiller to s3prl.hub (a wheel install ships it already)")
+    p.add_argument("--unregister", action="store_true")
+
+    def _register(args):
+        if args.unregister:
+            removed = hub.unregister()
+            print(f"removed {removed}" if removed else "no start-up hook to remove")
+        else:
+            print(f"wrote {hub.register()}")
+        return 0
+
+    p.set_defaults(func=_register)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,28 +64,38 @@ def build_parser() -> argparse.ArgumentParser:
         prog="s3prl-ekd",
         description="Ensemble knowledge distillation of SSL speech models (s3prl plugin)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _register_plugin_commands(subparsers)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register_cli(subparsers)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from s3prl_ekd.errors import UserError
+def user_message(error: Exception) -> str:
+    """The message of a user error; for one re-raised from a DataLoader worker, the original line."""
+    text = str(error).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # pretrain/downstream forward their arguments untouched to s3prl's scripts.
-    if argv and argv[0] in ("pretrain", "downstream"):
-        from s3prl_ekd import s3prl_bridge
-        try:
-            return s3prl_bridge.PASSTHROUGH[argv[0]](argv[1:])
-        except UserError as error:
-            print(f"s3prl-ekd {argv[0]}: error: {error}", file=sys.stderr)
-            return 2
-    args = build_parser().parse_args(argv)
     try:
+        from s3prl_ekd.errors import UserError
+    except ImportError as error:  # s3prl_ekd/__init__ names the stack to install
+        print(f"s3prl-ekd: error: {error}", file=sys.stderr)
+        return 2
+    command = argv[0] if argv else None
+    try:
+        if command in PASSTHROUGH:
+            from s3prl_ekd.plugin import runner
+
+            return runner.PASSTHROUGH[command](argv[1:])
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except UserError as error:
-        print(f"s3prl-ekd {args.command}: error: {error}", file=sys.stderr)
+        print(f"s3prl-ekd {command}: error: {user_message(error)}", file=sys.stderr)
         return 2
 
 

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import soundfile as sf
 
@@ -55,7 +54,7 @@ def tiny_teachers(tmp_path_factory) -> dict[str, Path]:
     hubert_a: 3 layers x 32 dims; hubert_b: 4 layers x 32 dims;
     wavlm_a: 3 layers x 32 dims; wavlm_wide: 2 layers x 48 dims.
     """
-    from s3prl_ekd.teacher_zoo import make_random_teacher
+    from s3prl_ekd.plugin.teacher_formats import make_random_teacher
 
     out = tmp_path_factory.mktemp("teachers")
     return {
@@ -67,11 +66,10 @@ def tiny_teachers(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+# The tests' student: ekd_student_tiny at 32 dims, the width of the tiny teachers.
 TINY_STUDENT = {
-    "encoder_layers": 2, "encoder_embed_dim": 32, "encoder_ffn_embed_dim": 64,
-    "encoder_attention_heads": 2, "conv_feature_layers": "[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2",
-    "conv_pos": 16, "conv_pos_groups": 4, "dropout": 0.0, "attention_dropout": 0.0,
-    "activation_dropout": 0.0, "init_from_teacher": False,
+    "encoder_embed_dim": 32, "encoder_ffn_embed_dim": 64, "encoder_attention_heads": 2,
+    "conv_feature_layers": "[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2",
 }
 
 
@@ -82,14 +80,24 @@ def write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
+def tiny_student(**overrides) -> dict:
+    import dataclasses
+
+    from s3prl_ekd.core.student import ekd_student_tiny
+
+    return dataclasses.asdict(ekd_student_tiny(**{**TINY_STUDENT, **overrides}))
+
+
 def model_config(teachers: list[dict], aggregation: str, **student) -> dict:
-    return {"teachers": teachers, "aggregation": aggregation, "student": {**TINY_STUDENT, **student}}
+    return {"teachers": teachers, "aggregation": aggregation, "student": tiny_student(**student)}
 
 
 def run_pretrain_cli(workdir: Path, config: dict, name: str, steps: int, audio_dir: Path,
                      extra: list[str] | None = None, save_step: int | None = None) -> Path:
     """`s3prl-ekd pretrain` in a subprocess from `workdir`; returns the experiment folder."""
     import sys
+
+    from s3prl_ekd.io.resources import pretrain_config
 
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = write_yaml(workdir / f"{name}.yaml", config)
@@ -98,7 +106,7 @@ def run_pretrain_cli(workdir: Path, config: dict, name: str, steps: int, audio_d
                  f"config.runner.save_step={save_step or max(1, steps - 1)}",
                  "config.pretrain_expert.datarc.sequence_length=16000"]
     cmd = [sys.executable, "-m", "s3prl_ekd.cli", "pretrain", "-u", "ekd_distiller", "-g", cfg.name,
-           "-c", str(PROJECT_ROOT / "pretrain_configs" / "tiny_cpu_runner.yaml"),
+           "-c", str(pretrain_config("tiny_cpu_runner.yaml")),
            "-n", name, "--device", "cpu", "-o", ",,".join(overrides), *(extra or [])]
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

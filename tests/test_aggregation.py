@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from s3prl_ekd.aggregation import build_targets, head_dims, head_weights, layerwise_average, layerwise_concat
+from s3prl_ekd.core.aggregation import build_targets, head_dims, head_weights, layerwise_average, layerwise_concat
 from s3prl_ekd.errors import ConfigError
 
 

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from s3prl_ekd import bench, cli
+from s3prl_ekd import cli
+from s3prl_ekd.tools import bench
 
 RUN_FIELDS = ("mode", "k", "t_teachers", "t_student", "t_step", "overhead_ratio", "peak_mem_bytes")
 TOP_FIELDS = ("runs", "loader_share", "device", "size", "student_params", "teacher_params",

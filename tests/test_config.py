@@ -1,11 +1,11 @@
 """Every config mistake fails at load with the key and the fix, before models are built."""
 
 import pytest
-
-from s3prl_ekd.config import default_layers, load_config
-from s3prl_ekd.data import load_datarc
-from s3prl_ekd.errors import ConfigError
 from conftest import write_yaml
+
+from s3prl_ekd.core.config import default_layers, load_config
+from s3prl_ekd.errors import ConfigError
+from s3prl_ekd.plugin.pretrain_data import load_datarc
 
 
 def test_defaults_and_default_layers():

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from s3prl_ekd import corpus
+from s3prl_ekd.demo import corpus
 from s3prl_ekd.errors import UserError
-from s3prl_ekd.prepare import ESPEAK_PHONES, read_symbols
+from s3prl_ekd.recipes.layout import espeak_phones, read_symbols
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,8 @@ def test_corpus_files_labels_and_format(small_corpus):
 def test_phones_round_trip_through_the_pr_vocabulary(small_corpus):
     from s3prl.downstream.ctc.text import load_text_encoder
 
-    tokenizer = load_text_encoder("word", str(ESPEAK_PHONES))
-    assert len(read_symbols(ESPEAK_PHONES)) + 3 == tokenizer.vocab_size
+    tokenizer = load_text_encoder("word", str(espeak_phones()))
+    assert len(read_symbols(espeak_phones())) + 3 == tokenizer.vocab_size
     for row in rows_of(small_corpus):
         ids = tokenizer.encode(row["phones"])
         assert tokenizer.unk_idx not in ids, row["phones"]

@@ -5,9 +5,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from s3prl_ekd.audio import load_audio
-from s3prl_ekd.data import BucketDataset, crop_and_pad, load_datarc, make_buckets
 from s3prl_ekd.errors import AudioError, ConfigError
+from s3prl_ekd.io.audio import load_audio
+from s3prl_ekd.plugin.pretrain_data import BucketDataset, crop_and_pad, load_datarc, make_buckets
 
 
 def write(path, wav, rate):

@@ -1,10 +1,9 @@
 """The demo pipeline at its smallest sizes: every stage runs, then is cached; the report is complete."""
 
 import json
-
 from pathlib import Path
 
-from s3prl_ekd.demo import DemoConfig, Stages, mean_ranks, run_demo, student_plan, table_rows, verdict
+from s3prl_ekd.demo.pipeline import DemoConfig, Stages, mean_ranks, run_demo, student_plan, table_rows, verdict
 
 
 def test_demo_smoke_and_cache(tmp_path):

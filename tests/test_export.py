@@ -1,5 +1,5 @@
-"""`s3prl-ekd export`: the submission folder loads without s3prl_ekd, through `sys.path` and through
-s3prl's `--hub huggingface` code path, and gives the same outputs as the original upstream."""
+"""`s3prl-ekd export`: the submission folder loads without an installed s3prl_ekd, through `sys.path`
+and through s3prl's `--hub huggingface` code path, and gives the same outputs as the original upstream."""
 
 from __future__ import annotations
 
@@ -11,25 +11,33 @@ from pathlib import Path
 
 import pytest
 import torch
+from s3prl_ekd.upstream.ekd_distiller import hubconf
 
 from s3prl_ekd import cli
-from s3prl_ekd.export import WRITTEN_FILES, count_parameters, export
-from s3prl_ekd.upstream.ekd_distiller import hubconf
+from s3prl_ekd.io.checkpoint import STEP_KEY, load_raw
+from s3prl_ekd.stack import s3prl_distribution
+from s3prl_ekd.tools.export import VENDORED_MODULES, WRITTEN_FILES, count_parameters, export
 
 MODE = "multi_head"  # two teachers of different sizes: the richest model card
 
-# Run first in every subprocess: s3prl_ekd must not be importable, as on a machine that only has
-# the submission folder, s3prl and torch (the start-up hook that imports it is undone too).
-BLOCK_S3PRL_EKD = """
-import sys
-sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "_HubFinder"]
+
+
+def only_from(folder: Path) -> str:
+    """Code to run first in a subprocess: the installed s3prl_ekd is hidden, as on a machine that only
+    has the submission folder, s3prl and torch (the start-up hook that imports it is undone too);
+    `s3prl_ekd` resolves from `folder` alone."""
+    return f"""
+import importlib.machinery, sys
+sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ not in ("_HubFinder", "_AliasFinder")]
 for name in [n for n in sys.modules if n == "s3prl_ekd" or n.startswith("s3prl_ekd.")]:
     del sys.modules[name]
-class _Blocked:
+class _OnlyFromFolder:
     def find_spec(self, name, path=None, target=None):
-        if name == "s3prl_ekd" or name.startswith("s3prl_ekd."):
-            raise ImportError("s3prl_ekd is blocked in this test: " + name)
-sys.meta_path.insert(0, _Blocked())
+        if name == "s3prl_ekd":
+            return importlib.machinery.PathFinder.find_spec(name, [{str(folder)!r}])
+        if name.startswith("s3prl_ekd."):
+            return importlib.machinery.PathFinder.find_spec(name, path)
+sys.meta_path.insert(0, _OnlyFromFolder())
 import torch
 """
 
@@ -50,16 +58,13 @@ def exported(ekd_checkpoints, tmp_path_factory) -> dict:
 
 
 def saved_step(ckpt: Path) -> int:
-    from s3prl_ekd.s3prl_bridge import allow_namespace_checkpoints
-
-    with allow_namespace_checkpoints():
-        return torch.load(ckpt, map_location="cpu", weights_only=True)["Step"]
+    return load_raw(ckpt)[STEP_KEY]
 
 
 @pytest.fixture(scope="module")
 def reference(exported, speech_dir, tmp_path_factory) -> dict:
     """A padded batch (1 s + 3 s of speech) and the original upstream's outputs on it."""
-    from s3prl_ekd.audio import load_audio
+    from s3prl_ekd.io.audio import load_audio
 
     waves = [load_audio(p) for p in sorted(speech_dir.glob("*.wav"))[:3]]
     wavs = [waves[0][:16000], torch.cat(waves)[:48000]]
@@ -107,21 +112,32 @@ def test_readme_and_requirements(exported, reference):
                  f"pretraining step {exported['step']}", f"**{params:,}**", "downsample rate 320", "from expert import UpstreamExpert"):
         assert fact in readme, fact
     requirements = (exported["outdir"] / "requirements.txt").read_text().split()
-    assert "s3prl==0.4.18" in requirements and f"torch=={torch.__version__.split('+')[0]}" in requirements
+    import importlib.metadata
+
+    distribution = s3prl_distribution()  # s3prl (0.4.18 stack) or espnet-s3prl (current stack)
+    assert f"{distribution}=={importlib.metadata.version(distribution)}" in requirements
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements
 
 
 def test_folder_loads_from_sys_path_without_s3prl_ekd(exported, reference, tmp_path):
     outputs = tmp_path / "states.pt"
-    stdout = run_python(BLOCK_S3PRL_EKD + f"""
+    stdout = run_python(only_from(exported["outdir"]) + f"""
 sys.path.append({str(exported['outdir'])!r})
 from expert import UpstreamExpert
 upstream = UpstreamExpert(ckpt={str(exported['outdir'] / 'model.pt')!r}).eval()
 with torch.no_grad():
     states = upstream(torch.load({str(reference['wavs'])!r}))["hidden_states"]
 torch.save([s for s in states], {str(outputs)!r})
-print("modules:", sorted(n for n in sys.modules if n.startswith(("ekd", "s3prl_ekd"))), upstream.get_downsample_rates("hidden_states"))
+import json
+print(json.dumps({{n: m.__file__ for n, m in sys.modules.items() if n.startswith("s3prl_ekd")}}))
+print("rate", upstream.get_downsample_rates("hidden_states"))
 """)
-    assert "modules: ['ekd_errors', 'ekd_student'] 320" in stdout
+    import json
+
+    loaded = json.loads(stdout.splitlines()[-2])
+    assert set(VENDORED_MODULES) <= set(loaded)
+    assert all(path.startswith(str(exported["outdir"])) for path in loaded.values()), loaded
+    assert "rate 320" in stdout
     states = torch.load(outputs, weights_only=True)
     assert len(states) == len(reference["states"]) == 3
     for mine, original in zip(states, reference["states"]):
@@ -131,7 +147,7 @@ print("modules:", sorted(n for n in sys.modules if n.startswith(("ekd", "s3prl_e
 def test_folder_loads_through_the_runner_hugging_face_path(exported, reference, tmp_path):
     """s3prl's Runner._get_upstream with from_hf_hub: snapshot_download replaced by the folder."""
     outputs = tmp_path / "states.pt"
-    stdout = run_python(BLOCK_S3PRL_EKD + f"""
+    stdout = run_python(only_from(exported["outdir"]) + f"""
 import argparse
 import huggingface_hub
 huggingface_hub.snapshot_download = lambda repo_id, revision=None, **kwargs: {str(exported['outdir'])!r}

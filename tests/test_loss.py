@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from s3prl_ekd.loss import LossTerms, distill_loss, total_loss
+from s3prl_ekd.core.loss import LossTerms, distill_loss, total_loss
 
 
 def test_distill_loss_hand_computed():

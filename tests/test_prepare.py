@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import s3prl_ekd._hubhook  # noqa: F401  (s3prl.downstream.ctc.corpus.libriphone, even without the .pth)
-from s3prl_ekd import prepare
+import s3prl_ekd.plugin.hub  # noqa: F401  (s3prl.downstream.ctc.corpus.libriphone, even without the .pth)
 from s3prl_ekd.errors import AudioError, UserError
+from s3prl_ekd.recipes import iemocap, layout, librispeech, voxceleb1
 
 PHONES = ["h @ l oU", "w 3: l d", "D @ k aI t", "s aI n", "b r aI t", "m u: n"]
 TEXTS = ["hello", "world", "the kite", "sign", "bright", "moon"]
@@ -50,7 +50,17 @@ def rows_of(manifest: Path) -> list[dict]:
     return [json.loads(line) for line in manifest.read_text().splitlines()]
 
 
-def test_layouts_read_back_with_s3prl_datasets(manifest, tmp_path):
+@pytest.fixture
+def downstream_env():
+    """s3prl's datasets as run_downstream.py runs them here (torchaudio.load without torchcodec on
+    torchaudio >= 2.9, a private voxceleb1 file-list cache)."""
+    from s3prl_ekd.plugin.runner import downstream_environment
+
+    with downstream_environment():
+        yield
+
+
+def test_layouts_read_back_with_s3prl_datasets(manifest, tmp_path, downstream_env):
     from s3prl.downstream.asr.dataset import SequenceDataset
     from s3prl.downstream.asr.dictionary import Dictionary
     from s3prl.downstream.asr.expert import token_to_word
@@ -59,9 +69,7 @@ def test_layouts_read_back_with_s3prl_datasets(manifest, tmp_path):
     from s3prl.downstream.emotion.dataset import IEMOCAPDataset
     from s3prl.downstream.voxceleb1.dataset import SpeakerClassifiDataset
 
-    from s3prl_ekd.superb import voxceleb1_cache_cleared
-
-    reports = prepare.prepare_all(manifest, tmp_path / "out")
+    reports = layout.prepare_all(manifest, tmp_path / "out")
     rows = rows_of(manifest)
     assert reports["pr"].splits["train"][0] == 6 and not reports["pr"].up_to_date
 
@@ -83,9 +91,8 @@ def test_layouts_read_back_with_s3prl_datasets(manifest, tmp_path):
 
     # SID: VoxCeleb1-style ids, label = int(id[2:]) - 10001
     datarc = json.loads((tmp_path / "out/sid/prepared.json").read_text())["config"]["downstream_expert"]["datarc"]
-    with voxceleb1_cache_cleared():
-        sid = SpeakerClassifiDataset("train", Path(datarc["file_path"]), datarc["meta_data"])
-        labels = sorted((name.split("-")[0], label) for _, label, name in (sid[i] for i in range(len(sid))))
+    sid = SpeakerClassifiDataset("train", Path(datarc["file_path"]), datarc["meta_data"])
+    labels = sorted((name.split("-")[0], label) for _, label, name in (sid[i] for i in range(len(sid))))
     assert labels == sorted([("id10001", 0)] * 2 + [("id10002", 1)] * 2 + [("id10003", 2)] * 2)
 
     # ER: one fold; train = train + dev of the manifest
@@ -102,9 +109,9 @@ def test_layouts_read_back_with_s3prl_datasets(manifest, tmp_path):
 def test_rerun_is_a_no_op_and_the_source_is_never_touched(manifest, tmp_path):
     source = sorted((manifest.parent).rglob("*"))
     before = {p: hashlib.md5(p.read_bytes()).hexdigest() for p in source if p.is_file()}
-    prepare.prepare_all(manifest, tmp_path / "out")
+    layout.prepare_all(manifest, tmp_path / "out")
     written = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()}
-    again = prepare.prepare_all(manifest, tmp_path / "out")
+    again = layout.prepare_all(manifest, tmp_path / "out")
     assert all(report.up_to_date for report in again.values())
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()} == written
     assert {p: hashlib.md5(p.read_bytes()).hexdigest() for p in before} == before
@@ -112,7 +119,7 @@ def test_rerun_is_a_no_op_and_the_source_is_never_touched(manifest, tmp_path):
     rows = rows_of(manifest)
     rows[0]["text"] = "changed words"
     write_manifest(manifest.parent, rows)
-    report = prepare.prepare_asr(manifest, tmp_path / "out")
+    report = layout.prepare_asr(manifest, tmp_path / "out")
     assert not report.up_to_date
     trans = (tmp_path / "out/asr/librispeech/train/ann/0/ann-0.trans.txt").read_text()
     assert "CHANGED WORDS" in trans
@@ -149,7 +156,7 @@ def test_bad_manifests_give_clear_errors(manifest, tmp_path, breakage, error, me
     if breakage == "not_json":
         manifest.write_text("{oops\n" + manifest.read_text())
     with pytest.raises(error, match=message):
-        prepare.prepare_all(manifest, tmp_path / "out")
+        layout.prepare_all(manifest, tmp_path / "out")
 
 
 def test_sid_speaker_without_train_utterances_is_an_error(manifest, tmp_path):
@@ -157,21 +164,21 @@ def test_sid_speaker_without_train_utterances_is_an_error(manifest, tmp_path):
     rows[-1]["speaker"] = "newcomer"  # a test utterance
     write_manifest(manifest.parent, rows)
     with pytest.raises(UserError, match="speaker 'newcomer' has no train utterances"):
-        prepare.prepare_sid(manifest, tmp_path / "out")
+        layout.prepare_sid(manifest, tmp_path / "out")
 
 
 def test_refuses_an_out_folder_it_did_not_make(manifest, tmp_path):
     (tmp_path / "out" / "pr").mkdir(parents=True)
     (tmp_path / "out" / "pr" / "mine.txt").write_text("keep")
     with pytest.raises(UserError, match="was not made by `s3prl-ekd prepare`"):
-        prepare.prepare_pr(manifest, tmp_path / "out")
+        layout.prepare_pr(manifest, tmp_path / "out")
     assert (tmp_path / "out" / "pr" / "mine.txt").read_text() == "keep"
 
 
 # ---------------------------------------------------------------------------- real corpora layouts
 
 def fake_librispeech(root: Path) -> Path:
-    for n, name in enumerate(prepare.LIBRISPEECH_SETS):
+    for n, name in enumerate(librispeech.LIBRISPEECH_SETS):
         folder = root / name / "19" / "198"
         for i in range(2):
             tone(folder / f"19-198-{i:04d}.flac")
@@ -187,7 +194,7 @@ def test_librispeech_pr_and_asr(tmp_path):
     from s3prl.downstream.ctc.text import load_text_encoder
 
     root = fake_librispeech(tmp_path / "LibriSpeech")
-    report = prepare.prepare_pr_librispeech(root, tmp_path / "out")
+    report = librispeech.prepare_pr_librispeech(root, tmp_path / "out")
     assert report.splits["test"][0] == 2
     pr = json.loads((tmp_path / "out/pr/prepared.json").read_text())["config"]["downstream_expert"]
     tokenizer = load_text_encoder("word", pr["text"]["vocab_file"])
@@ -195,7 +202,7 @@ def test_librispeech_pr_and_asr(tmp_path):
     # first pronunciation wins, as in s3prl's libriphone
     assert sorted(tokenizer.decode(dataset[i][1]) for i in range(2)) == ["HH AH0 L OW1 W ER1 L D", "W ER1 L D"]
 
-    prepare.prepare_asr_librispeech(root, tmp_path / "out")
+    librispeech.prepare_asr_librispeech(root, tmp_path / "out")
     datarc = json.loads((tmp_path / "out/asr/prepared.json").read_text())["config"]["downstream_expert"]["datarc"]
     assert (Path(datarc["bucket_file"]) / "dev-clean.csv").read_text().splitlines()[0] == ",file_path,length"
     test = SequenceDataset("test-clean", 1, Dictionary.load(datarc["dict_path"]), **datarc)
@@ -203,7 +210,7 @@ def test_librispeech_pr_and_asr(tmp_path):
 
     (root / "dev-clean/19/198/19-198.trans.txt").write_text("19-198-0000 HELLO MARS\n19-198-0001 WORLD\n")
     with pytest.raises(UserError, match=r"words \['MARS'\] are not in the lexicon"):
-        prepare.prepare_pr_librispeech(root, tmp_path / "out")
+        librispeech.prepare_pr_librispeech(root, tmp_path / "out")
 
 
 def test_voxceleb1_split_is_checked(tmp_path):
@@ -215,11 +222,11 @@ def test_voxceleb1_split_is_checked(tmp_path):
         tone(root / part / "wav" / rel)
         lines.append(f"{key} {rel}")
     (root / "iden_split.txt").write_text("\n".join(lines) + "\n")
-    report = prepare.prepare_sid_voxceleb1(root, tmp_path / "out")
+    report = voxceleb1.prepare_sid_voxceleb1(root, tmp_path / "out")
     assert [report.splits[s][0] for s in ("train", "dev", "test")] == [2, 1, 1]
     (root / "iden_split.txt").write_text("\n".join(lines + ["3 id10009/x/00099.wav"]) + "\n")
     with pytest.raises(UserError, match="id10009/x/00099.wav not found"):
-        prepare.prepare_sid_voxceleb1(root, tmp_path / "out")
+        voxceleb1.prepare_sid_voxceleb1(root, tmp_path / "out")
 
 
 def test_iemocap_folds_use_s3prls_meta_data_builder(tmp_path):
@@ -234,7 +241,7 @@ def test_iemocap_folds_use_s3prls_meta_data_builder(tmp_path):
         label_dir = root / f"Session{s}" / "dialog" / "EmoEvaluation"
         label_dir.mkdir(parents=True)
         (label_dir / f"{dialog}.txt").write_text("\n".join(lines) + "\n")
-    report = prepare.prepare_er_iemocap(root, tmp_path / "out")
+    report = iemocap.prepare_er_iemocap(root, tmp_path / "out")
     info = json.loads((tmp_path / "out/er/prepared.json").read_text())
     assert info["folds"] == ["fold1", "fold2"]
     test = json.loads((tmp_path / "out/er/meta_data/Session2/test_meta_data.json").read_text())

@@ -6,14 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import model_config, run_pretrain_cli, write_yaml
 
-from s3prl_ekd.events import read_scalars
-from s3prl_ekd.pretrain_expert import load_student
-from s3prl_ekd.s3prl_bridge import allow_namespace_checkpoints, installed_s3prl_dir, link, unlink
+from s3prl_ekd import load_student
 from s3prl_ekd.errors import UserError
-from conftest import PROJECT_ROOT, model_config, run_pretrain_cli, write_yaml
+from s3prl_ekd.io.checkpoint import runner_checkpoints_allowed
+from s3prl_ekd.io.events import read_scalars
+from s3prl_ekd.io.resources import pretrain_config
+from s3prl_ekd.plugin.runner import installed_s3prl_dir, link, unlink
 
-RUNNER = PROJECT_ROOT / "pretrain_configs" / "tiny_cpu_runner.yaml"
+RUNNER = pretrain_config("tiny_cpu_runner.yaml")
 
 
 @pytest.mark.parametrize("mode", ["layerwise_average", "layerwise_concat", "multi_head"])
@@ -33,7 +35,7 @@ def test_loss_decreases_over_20_steps(ekd_checkpoints, mode):
 
 def test_checkpoint_layout(ekd_checkpoints):
     ckpt = ekd_checkpoints["multi_head"]
-    with allow_namespace_checkpoints():
+    with runner_checkpoints_allowed():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["Step"] == 20
     assert "pretrain_expert" in state["Config"]           # s3prl's runner config stays intact
@@ -64,7 +66,7 @@ def test_resume_continues_from_saved_step(tmp_path, tiny_teachers, speech_dir):
     resumed_steps = sorted(step for step, _ in read_scalars_file(new_events[0], "ekd_distiller/train-loss"))
     assert resumed_steps == [5, 6, 7, 8]
     final = max(expdir.glob("states-*.ckpt"), key=lambda p: p.stat().st_mtime)
-    with allow_namespace_checkpoints():
+    with runner_checkpoints_allowed():
         saved = torch.load(expdir / "states-4.ckpt", weights_only=True)
         resumed = torch.load(final, weights_only=True)
     assert resumed["Step"] == 8
@@ -106,12 +108,27 @@ def test_config_error_before_models_are_built(tmp_path, tiny_teachers, speech_di
     assert "Traceback" not in proc.stderr
 
 
+def s3prl_checkout(root: Path) -> Path:
+    """A writable stand-in for an s3prl checkout: links to the installed s3prl's files, with
+    real `pretrain/` and run_pretrain.py (Python resolves a linked script's folder)."""
+    installed = installed_s3prl_dir()
+    checkout = root / "s3prl"
+    (checkout / "pretrain").mkdir(parents=True)
+    for entry in installed.iterdir():
+        if entry.name not in ("pretrain", "run_pretrain.py", "__pycache__"):
+            (checkout / entry.name).symlink_to(entry)
+    for entry in (installed / "pretrain").iterdir():
+        (checkout / "pretrain" / entry.name).symlink_to(entry)
+    (checkout / "run_pretrain.py").write_text((installed / "run_pretrain.py").read_text())
+    return checkout
+
+
 def test_link_then_run_pretrain_from_s3prl_folder(tmp_path, tiny_teachers, speech_dir):
-    proc = subprocess.run([sys.executable, "-m", "s3prl_ekd.cli", "link"], capture_output=True, text=True)
+    s3prl_dir = s3prl_checkout(tmp_path / "checkout")
+    proc = subprocess.run([sys.executable, "-m", "s3prl_ekd.cli", "link", str(s3prl_dir)], capture_output=True, text=True)
     assert proc.returncode == 0 and "linked" in proc.stdout
     cfg = write_yaml(tmp_path / "m.yaml", model_config(
         [{"name": "hubert_local", "ckpt": str(tiny_teachers["hubert_a"]), "layers": [1, 3]}], "layerwise_average"))
-    s3prl_dir = installed_s3prl_dir()
     overrides = f"config.pretrain_expert.datarc.audio_dir={speech_dir},,config.runner.total_steps=3,,config.runner.save_step=2"
     env = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
     proc = subprocess.run([sys.executable, "run_pretrain.py", "-u", "ekd_distiller", "-g", str(cfg), "-c", str(RUNNER),
@@ -127,7 +144,7 @@ def test_link_is_idempotent_and_unlink_removes_only_ours(tmp_path):
     (fake / "run_pretrain.py").write_text("")
     first = link(tmp_path / "checkout")
     assert first == fake / "pretrain" / "ekd_distiller"
-    assert "s3prl_ekd.pretrain_expert" in (first / "pretrain_expert.py").read_text()
+    assert "s3prl_ekd.plugin.pretrain_expert" in (first / "pretrain_expert.py").read_text()
     assert link(fake) == first                              # again: no error, same folder
     assert (first / "config_runner.yaml").is_file() and (first / "config_model.yaml").is_file()
     assert unlink(fake) == first and not first.exists()

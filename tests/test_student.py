@@ -4,18 +4,19 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import tiny_student as tiny_student_config
 
-from s3prl_ekd import aggregation
-from s3prl_ekd.config import TeacherConfig
-from s3prl_ekd.loss import distill_loss, total_loss
-from s3prl_ekd.pretrain_expert import align, init_from_teacher
-from s3prl_ekd.student import EKDStudent, StudentConfig, conv_frame_lengths, student_from_dict, student_state
-from s3prl_ekd.teachers import TeacherEnsemble
-from conftest import TINY_STUDENT
+from s3prl_ekd.core import aggregation
+from s3prl_ekd.core.config import TeacherConfig
+from s3prl_ekd.core.distill import align, init_from_teacher
+from s3prl_ekd.core.frames import conv_frame_lengths
+from s3prl_ekd.core.loss import distill_loss, total_loss
+from s3prl_ekd.core.student import EKDStudent, StudentConfig, student_from_dict, student_state
+from s3prl_ekd.core.teachers import TeacherEnsemble
 
 
 def tiny_student(head_dims, num_targets, **kw):
-    return EKDStudent(StudentConfig(**{**TINY_STUDENT, **kw}), head_dims, num_targets)
+    return EKDStudent(StudentConfig(**tiny_student_config(**kw)), head_dims, num_targets)
 
 
 @pytest.mark.parametrize("keys", [("hubert_a", "wavlm_wide"), ("hubert_a", "hubert_b", "wavlm_wide")])
@@ -99,7 +100,30 @@ def test_state_roundtrip_and_init_from_teacher(tiny_teachers):
     for (name, a), (_, b) in zip(student.state_dict().items(), clone.state_dict().items()):
         assert torch.equal(a, b), name
     teacher = s3prl.hub.hubert_local(ckpt=str(tiny_teachers["hubert_a"]))
-    copied = init_from_teacher(student, teacher)
-    assert "feature_extractor.conv_layers.0.0.weight" in copied and "encoder.layers.1.fc1.weight" in copied
+    report = init_from_teacher(student, teacher)
+    assert "feature_extractor.conv_layers.0.0.weight" in report.copied and "encoder.layers.1.fc1.weight" in report.copied
+    assert report.uncopied == report.teacher_only == []  # HuBERT of the student's width: every part matches
     assert torch.equal(student.backbone.encoder.layers[1].fc1.weight, teacher.model.encoder.layers[1].fc1.weight)
     assert dataclasses.asdict(clone.config) == dataclasses.asdict(student.config)
+
+
+def test_init_from_wavlm_teacher_reports_uncopied(tiny_teachers):
+    """WavLM's attention adds a gated relative position bias the student has no place for: the rest
+    is copied, the bias is not, and the report says so."""
+    import s3prl.hub
+
+    student = tiny_student([32], 2)
+    before = {k: v.clone() for k, v in student.backbone.state_dict().items()}
+    teacher = s3prl.hub.wavlm_local(ckpt=str(tiny_teachers["wavlm_a"]))
+    report = init_from_teacher(student, teacher)
+    assert "feature_extractor.conv_layers.0.0.weight" in report.copied
+    assert "encoder.layers.0.fc1.weight" in report.copied
+    assert "encoder.layers.0.self_attn.relative_attention_bias.weight" in report.teacher_only
+    assert any("grep_linear" in name for name in report.teacher_only)
+    assert not set(report.copied) & set(report.teacher_only)
+    after, teacher_state = student.backbone.state_dict(), teacher.model.state_dict()
+    for name in report.copied:
+        assert torch.equal(after[name], teacher_state[name]), name
+    for name in set(after) - set(report.copied):
+        assert torch.equal(after[name], before[name]), name        # left at its random init
+    assert f"{len(report.teacher_only)} teacher tensors have no place in the student" in report.summary("wavlm_local")

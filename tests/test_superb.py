@@ -9,21 +9,22 @@ import editdistance
 import pytest
 import yaml
 
-from s3prl_ekd import superb
-from s3prl_ekd.corpus import synthesize_corpus
+from s3prl_ekd.demo.corpus import synthesize_corpus
 from s3prl_ekd.errors import ConfigError, UserError
-from s3prl_ekd.prepare import RECIPES_DIR, TASKS, prepare_all
-from s3prl_ekd.s3prl_bridge import installed_s3prl_dir
+from s3prl_ekd.io.resources import recipe_file
+from s3prl_ekd.plugin.runner import installed_s3prl_dir
+from s3prl_ekd.recipes import superb
+from s3prl_ekd.recipes.layout import TASKS, prepare_all
 
 
 def test_every_recipe_profile_is_complete():
     for task in TASKS:
         for profile in superb.PROFILES:
-            config = yaml.safe_load((RECIPES_DIR / task / f"{profile}.yaml").read_text())
+            config = yaml.safe_load(recipe_file(task, f"{profile}.yaml").read_text())
             assert {"runner", "optimizer", "downstream_expert"} <= set(config), (task, profile)
             assert config["runner"]["total_steps"] % config["runner"]["eval_step"] == 0
-    small = yaml.safe_load((RECIPES_DIR / "asr" / "cpu-small.yaml").read_text())
-    paper = yaml.safe_load((RECIPES_DIR / "asr" / "superb.yaml").read_text())
+    small = yaml.safe_load(recipe_file("asr", "cpu-small.yaml").read_text())
+    paper = yaml.safe_load(recipe_file("asr", "superb.yaml").read_text())
     assert paper["downstream_expert"]["modelrc"]["RNNs"]["dim"] == [1024, 1024]
     assert small["runner"]["total_steps"] <= 500 < paper["runner"]["total_steps"]
 
@@ -39,14 +40,6 @@ def test_recipe_config_takes_prepared_paths_and_steps():
         superb.recipe_config("sid", "tiny", prepared)
     with pytest.raises(ConfigError, match="pr,asr,sid,er"):
         superb.parse_tasks("pr,kws")
-
-
-def test_parse_metric_takes_the_last_matching_line():
-    out = "test loss: 3.2\ntest per: 0.75\ndev per: 0.1\ntest per: 0.5\ntest-clean wer: 12.5\n"
-    assert superb.parse_metric(out, "test", "per") == 0.5
-    assert superb.parse_metric(out, "test-clean", "wer") == 12.5
-    with pytest.raises(UserError, match="no 'test acc: ...' line"):
-        superb.parse_metric(out, "test", "acc")
 
 
 def test_checkpoint_choice_falls_back_to_the_last_states(tmp_path):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from s3prl_ekd import teacher_training as tt
-from s3prl_ekd.audio import load_audio
+from s3prl_ekd.demo import teacher_training as tt
 from s3prl_ekd.errors import AudioError, ConfigError
+from s3prl_ekd.io.audio import load_audio
 
 # A few-second model: 2 layers x 64 dims, 32-channel CNN with the real 320-sample hop.
 TINY = dict(encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128, encoder_attention_heads=2,
@@ -50,7 +50,7 @@ def trained(wav_files, tmp_path_factory):
 # --- targets -----------------------------------------------------------------------------------
 
 def test_mfcc_frames_line_up_with_the_cnn_frames():
-    from s3prl_ekd.teacher_zoo import build_hubert
+    from s3prl_ekd.plugin.teacher_formats import build_hubert
 
     model, *_ = build_hubert("tiny", **TINY)
     for samples in (400, 719, 720, 8000, 16001, 32000):

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from s3prl_ekd.config import TeacherConfig
+from s3prl_ekd.core.config import TeacherConfig
+from s3prl_ekd.core.teachers import TeacherEnsemble, align_frames
 from s3prl_ekd.errors import CheckpointError, ConfigError
-from s3prl_ekd.teacher_zoo import make_random_teacher
-from s3prl_ekd.teachers import TeacherEnsemble, align_frames
+from s3prl_ekd.plugin.teacher_formats import make_random_teacher
 
 
 def ensemble(tiny_teachers, spec):

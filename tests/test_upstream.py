@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from s3prl_ekd.audio import load_audio
-from s3prl_ekd.errors import AudioError, CheckpointError, ConfigError
-from s3prl_ekd.student import EKDStudent, StudentConfig, conv_frame_lengths, student_state
 from s3prl_ekd.upstream.ekd_distiller import hubconf
-from s3prl_ekd.upstream.ekd_distiller.expert import MODEL_FORMAT, UpstreamExpert, head_states
+from s3prl_ekd.upstream.ekd_distiller.expert import UpstreamExpert, head_states
+
+from s3prl_ekd.core.frames import conv_frame_lengths
+from s3prl_ekd.core.student import EKDStudent, StudentConfig, student_state
+from s3prl_ekd.errors import AudioError, CheckpointError, ConfigError
+from s3prl_ekd.io.audio import load_audio
+from s3prl_ekd.io.checkpoint import MODEL_FORMAT
 
 MODES = ["layerwise_average", "layerwise_concat", "multi_head"]
 STUDENT_DIM, STUDENT_LAYERS = 32, 2  # conftest.TINY_STUDENT
@@ -97,10 +99,10 @@ def test_backbone_plus_heads_are_the_students_outputs(ekd_checkpoints, speech_di
 def write_synthetic_model(path: Path, aggregation: str, head_dims: list[int], teacher_dims: list[int],
                           extractor_mode: str = "layer_norm") -> EKDStudent:
     """A model.pt (random student) without pretraining, for cases the fixture runs do not cover."""
-    from conftest import TINY_STUDENT
+    from conftest import tiny_student
 
     torch.manual_seed(0)
-    student = EKDStudent(StudentConfig(**{**TINY_STUDENT, "extractor_mode": extractor_mode}), head_dims, 2)
+    student = EKDStudent(StudentConfig(**tiny_student(extractor_mode=extractor_mode)), head_dims, 2)
     teachers = [{"name": f"t{k}", "layers": [1, 2], "weight": 1.0, "dim": d} for k, d in enumerate(teacher_dims)]
     torch.save({"format": MODEL_FORMAT, "student": student_state(student), "aggregation": aggregation,
                 "teachers": teachers, "step": 0, "model_config": {}}, path)
@@ -153,7 +155,7 @@ def test_options_from_model_config_yaml(ekd_checkpoints, tmp_path):
     assert len(hubconf.ekd_distiller(ckpt=ckpt, model_config=str(config), hidden_states="backbone")
                .hidden_state_names) == 3
     config.write_text("hidden_state: heads\n")
-    with pytest.raises(ConfigError, match="unknown option 'hidden_state'"):
+    with pytest.raises(ConfigError, match="upstream.yaml.hidden_state: unknown key; did you mean 'hidden_states'"):
         hubconf.ekd_distiller(ckpt=ckpt, model_config=str(config))
     with pytest.raises(ConfigError, match="'everything' is not one of backbone, heads"):
         hubconf.ekd_distiller(ckpt=ckpt, hidden_states="everything")

@@ -1,9 +1,8 @@
 """s3prl upstream for EKD students: rebuilds the student stored in a checkpoint and returns
 its hidden states in the `UpstreamBase` format s3prl's Featurizer and S3PRLUpstream read.
 
-This file also runs, unchanged, as `expert.py` of an exported SUPERB submission folder
-(`s3prl-ekd export`): there the folder is on `sys.path` and the student and error classes
-come from its sibling files `ekd_student.py` and `ekd_errors.py` instead of `s3prl_ekd`.
+An exported SUPERB submission folder (`s3prl-ekd export`) carries a copy of this module and
+of the few it imports (s3prl_ekd.errors, io.strict, io.checkpoint, core.frames, core.student).
 
 Which hidden states go downstream (`hidden_states` option, from `-g model_config.yaml`
 or a keyword argument; a keyword wins over the file):
@@ -23,27 +22,19 @@ widths) is refused at construction with an error naming the sizes.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
+from s3prl.upstream.interfaces import UpstreamBase
 from torch.nn.utils.rnn import pad_sequence
 
-from s3prl.upstream.interfaces import UpstreamBase
+from s3prl_ekd.core.frames import valid_frames
+from s3prl_ekd.core.student import EKDStudent, StudentOutput, student_from_dict
+from s3prl_ekd.errors import AudioError, ConfigError
+from s3prl_ekd.io.checkpoint import read_checkpoint
+from s3prl_ekd.io.strict import from_dict, read_yaml_mapping
 
-if __package__:  # installed upstream: s3prl_ekd.upstream.ekd_distiller.expert
-    from s3prl_ekd.errors import AudioError, CheckpointError, ConfigError
-    from s3prl_ekd.student import EKDStudent, StudentOutput, student_from_dict
-else:  # `from expert import UpstreamExpert` in an exported submission folder
-    from ekd_errors import AudioError, CheckpointError, ConfigError
-    from ekd_student import EKDStudent, StudentOutput, student_from_dict
-
-# model.pt (written by `s3prl-ekd export`): a plain dict, loadable with torch.load(weights_only=True):
-#   format: MODEL_FORMAT, student: student.student_state(...) dict, aggregation: str,
-#   teachers: [{name, layers, weight, dim (int or None)}], step: int, model_config: EKD config dict.
-MODEL_FORMAT = "ekd_distiller-model-v1"
 HIDDEN_STATE_SETS = ("backbone", "heads", "backbone+heads")
 
 
@@ -56,63 +47,14 @@ class UpstreamOptions:
 
 def load_options(model_config: str | Path | None = None, **overrides) -> UpstreamOptions:
     """Options from an optional YAML file, then keyword overrides (None = not given); strict keys."""
-    values: dict = {}
-    if model_config is not None:
-        path = Path(model_config)
-        if not path.is_file():
-            raise ConfigError(f"{path}: ekd_distiller upstream config (-g) not found")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({error})") from error
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping like `hidden_states: backbone`, got {values!r}")
+    values = read_yaml_mapping(model_config, "ekd_distiller upstream config (-g)") if model_config else {}
     where = str(model_config) if model_config is not None else "ekd_distiller options"
     values = {**values, **{k: v for k, v in overrides.items() if v is not None}}
-    known = {f.name for f in dataclasses.fields(UpstreamOptions)}
-    for key in values:
-        if key not in known:
-            raise ConfigError(f"{where}: unknown option '{key}'; valid options: {', '.join(sorted(known))}")
-    options = UpstreamOptions(**values)
+    options = from_dict(UpstreamOptions, values, where)
     if options.hidden_states not in HIDDEN_STATE_SETS:
         raise ConfigError(f"{where}: hidden_states={options.hidden_states!r} is not one of "
                           f"{', '.join(HIDDEN_STATE_SETS)}")
     return options
-
-
-def read_model_file(path: str | Path) -> dict:
-    """An exported model.pt as its plain dict, with errors that say what the file is instead."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: model file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"{path}: cannot read as an exported ekd_distiller model.pt "
-                              f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                              "pass the model.pt written by `s3prl-ekd export`") from error
-    return check_model_dict(state, path)
-
-
-def check_model_dict(state, path: str | Path) -> dict:
-    """`state` if it is a model.pt dict (see MODEL_FORMAT), else a CheckpointError."""
-    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
-        found = f"a dict with keys {sorted(map(str, state))[:8]}" if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path}: not an ekd_distiller model file (found {found}, expected "
-                              f"format '{MODEL_FORMAT}'); export one with `s3prl-ekd export CKPT OUTDIR`")
-    missing = [k for k in ("student", "aggregation", "teachers", "step") if k not in state]
-    if missing:
-        raise CheckpointError(f"{path}: ekd_distiller model file lacks {missing}; re-export it")
-    return state
-
-
-def load_model_state(path: str | Path) -> dict:
-    """The model.pt dict of `path`: an exported model.pt or, with s3prl_ekd installed, a states-*.ckpt."""
-    if __package__:
-        from s3prl_ekd.export import read_checkpoint  # either kind, converted to the model.pt dict
-
-        return read_checkpoint(path)
-    return read_model_file(path)
 
 
 def head_states(predictions: list[torch.Tensor], aggregation: str,
@@ -151,11 +93,12 @@ class UpstreamExpert(UpstreamBase):
                               f"valid: hidden_states (one of {', '.join(HIDDEN_STATE_SETS)})")
         super().__init__(**kwargs)
         self.options = load_options(model_config, hidden_states=hidden_states)
-        state = load_model_state(ckpt)
+        state = read_checkpoint(ckpt)
         self.aggregation: str = state["aggregation"]
         self.teachers: list[dict] = state["teachers"]
         self.step: int = state["step"]
-        self.student: EKDStudent = student_from_dict(state["student"])
+        # Heads only when asked for: a backbone-only model has no parameter that never gets a gradient.
+        self.student: EKDStudent = student_from_dict(state["student"], heads=self._uses("heads"))
         self.student.eval()
         self.hidden_state_names = self._names()
         self.hidden_state_dims = self._dims()
@@ -198,11 +141,7 @@ class UpstreamExpert(UpstreamBase):
     @property
     def min_samples(self) -> int:
         """The CNN's receptive field: the shortest waveform that yields one frame (400 for the standard CNN)."""
-        field, hop = 1, 1
-        for _, kernel, stride in self.student.backbone.conv_layers:
-            field += (kernel - 1) * hop
-            hop *= stride
-        return field
+        return self.student.receptive_field
 
     @property
     def length_dependent_cnn(self) -> bool:
@@ -226,8 +165,7 @@ class UpstreamExpert(UpstreamBase):
                 [pad_frames([o.predictions[i] for o in outs], frame_dim=2) for i in range(len(outs[0].predictions))])
         else:
             out = self.student(pad_sequence(wavs, batch_first=True), lengths, predict=predict)
-        frames = out.hidden_states[0].shape[1]
-        valid = torch.arange(frames, device=lengths.device)[None, :] < out.frame_lengths[:, None]  # (B, T)
+        valid = valid_frames(out.frame_lengths, out.hidden_states[0].shape[1])  # (B, T)
         return StudentOutput([h * valid[..., None] for h in out.hidden_states], out.frame_lengths,
                              [p * valid[:, None, :, None] for p in out.predictions])
 

@@ -1,4 +1,4 @@
-"""`s3prl.hub` entries of the EKD student (added to `s3prl.hub` by s3prl_ekd._hubhook).
+"""`s3prl.hub` entries of the EKD student (added to `s3prl.hub` by s3prl_ekd.plugin.hub).
 
 `ckpt` is a pretraining checkpoint (`states-*.ckpt` of `s3prl-ekd pretrain -u ekd_distiller`)
 or a `model.pt` written by `s3prl-ekd export`; `model_config` (`-g`) is an optional YAML of

@@ -7,13 +7,13 @@ teachers the demo trains itself.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-# The CNN of HuBERT/WavLM; hop 320 samples = 20 ms at 16 kHz.
-STANDARD_CNN = "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2"
+from s3prl_ekd.core.frames import STANDARD_CNN
+from s3prl_ekd.io.audio import SAMPLE_RATE
+from s3prl_ekd.io.files import atomic_torch_save
 
 # Sizes: name -> architecture fields shared by HuBERT and WavLM.
 SIZES = {
@@ -48,7 +48,7 @@ def build_hubert(size: str = "tiny", num_classes: int = 100, **overrides):
     model_cfg = dict(label_rate=50.0, extractor_mode="default", encoder_layerdrop=0.0,
                      dropout=0.1, attention_dropout=0.1, activation_dropout=0.0,
                      final_dim=min(256, arch["encoder_embed_dim"]), **arch)
-    task_cfg = dict(label_rate=50.0, sample_rate=16000, normalize=False)
+    task_cfg = dict(label_rate=50.0, sample_rate=SAMPLE_RATE, normalize=False)
     symbols = [[str(i) for i in range(num_classes)]]
     model = HubertModel(HubertConfig(**model_cfg), HubertPretrainingConfig(**task_cfg), symbols)
     return model, model_cfg, task_cfg, symbols
@@ -64,25 +64,16 @@ def build_wavlm(size: str = "tiny", **overrides):
     return WavLM(WavLMConfig(cfg)), cfg
 
 
-def _atomic_save(obj, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
-
-
 def save_hubert_local(model, model_cfg: dict, task_cfg: dict, symbols, path) -> Path:
     """Write the "converted" HuBERT checkpoint that `s3prl.hub.hubert_local(ckpt=path)` loads."""
-    return _atomic_save({"task_cfg": dict(task_cfg), "model_cfg": dict(model_cfg),
+    return atomic_torch_save({"task_cfg": dict(task_cfg), "model_cfg": dict(model_cfg),
                          "model_weight": model.state_dict(),
                          "dictionaries_symbols": symbols}, path)
 
 
 def save_wavlm_local(model, cfg: dict, path) -> Path:
     """Write the checkpoint that `s3prl.hub.wavlm_local(ckpt=path)` loads."""
-    return _atomic_save({"cfg": dict(cfg), "model": model.state_dict()}, path)
+    return atomic_torch_save({"cfg": dict(cfg), "model": model.state_dict()}, path)
 
 
 def make_random_teacher(kind: str, path, size: str = "tiny", seed: int = 0, **overrides) -> Path:

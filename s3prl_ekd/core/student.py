@@ -1,8 +1,7 @@
 """The DistilHuBERT-style student: s3prl's DistillerModel backbone (CNN + a few
 transformer layers) and one prediction-head set per target set.
 
-Self-contained on purpose (imports only torch and s3prl): `s3prl-ekd export`
-copies this file into SUPERB submission folders.
+Imports only torch, s3prl and core.frames: SUPERB submission folders carry a copy of it.
 """
 
 from __future__ import annotations
@@ -12,12 +11,11 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from s3prl.upstream.distiller.model import DistillerConfig, DistillerModel
+from s3prl.upstream.distiller.module import GradMultiply, SplitLinear
 from torch import nn
 
-from s3prl.upstream.distiller.model import DistillerConfig, DistillerModel
-from s3prl.upstream.distiller.module import SplitLinear
-
-STANDARD_CNN = "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2"
+from s3prl_ekd.core.frames import STANDARD_CNN, conv_frame_lengths, hop_length, receptive_field, valid_frames
 
 
 @dataclass
@@ -43,6 +41,27 @@ class StudentConfig:
     init_from_teacher: bool = True
 
 
+def distilhubert_base(**overrides) -> StudentConfig:
+    """DistilHuBERT's size: standard CNN + 2 x 768 transformer layers (23.5M parameters without heads)."""
+    return dataclasses.replace(StudentConfig(), **overrides)
+
+
+def ekd_student_tiny(**overrides) -> StudentConfig:
+    """2 x 64-dim student with a 64-channel CNN: CPU smoke runs (pretrain_configs/tiny_cpu.yaml, bench)."""
+    return dataclasses.replace(StudentConfig(
+        encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128, encoder_attention_heads=4,
+        conv_feature_layers="[(64,10,5)] + [(64,3,2)] * 4 + [(64,2,2)] * 2", conv_pos=16, conv_pos_groups=4,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, init_from_teacher=False), **overrides)
+
+
+def ekd_student_demo(**overrides) -> StudentConfig:
+    """2 x 192-dim student with a 128-channel CNN, the size of the demo's teachers' first layers."""
+    return dataclasses.replace(StudentConfig(
+        encoder_layers=2, encoder_embed_dim=192, encoder_ffn_embed_dim=768, encoder_attention_heads=4,
+        conv_feature_layers="[(128,10,5)] + [(128,3,2)] * 4 + [(128,2,2)] * 2", conv_pos=64,
+        conv_pos_groups=16), **overrides)
+
+
 class StudentOutput(NamedTuple):
     hidden_states: list[torch.Tensor]  # [1 + encoder_layers] (B, T, D): pre-transformer, then each layer
     frame_lengths: torch.Tensor        # (B,) valid frames per utterance
@@ -66,14 +85,6 @@ class PredictionHeads(nn.Module):
         return out.reshape(batch, frames, self.num_heads, self.out_dim).transpose(1, 2)
 
 
-def conv_frame_lengths(sample_lengths: torch.Tensor, conv_layers: list[tuple[int, int, int]]) -> torch.Tensor:
-    """Frames the CNN yields for each waveform length, (B,) -> (B,)."""
-    lengths = sample_lengths
-    for _, kernel, stride in conv_layers:
-        lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
-    return lengths.clamp(min=0)
-
-
 class EKDStudent(nn.Module):
     """CNN + transformer backbone with `len(head_dims)` head sets of `num_targets` heads each."""
 
@@ -91,22 +102,27 @@ class EKDStudent(nn.Module):
 
     @property
     def downsample_rate(self) -> int:
-        rate = 1
-        for _, _, stride in self.backbone.conv_layers:
-            rate *= stride
-        return rate
+        return hop_length(self.backbone.conv_layers)
+
+    @property
+    def receptive_field(self) -> int:
+        """The shortest waveform (samples) that yields one frame."""
+        return receptive_field(self.backbone.conv_layers)
+
+    def drop_heads(self) -> EKDStudent:
+        """Remove the prediction heads (for use as a backbone: no parameter left without a gradient)."""
+        self.heads = nn.ModuleList()
+        return self
 
     def forward(self, wave: torch.Tensor, wave_lengths: torch.Tensor, predict: bool = True) -> StudentOutput:
         """wave: (B, S) zero-padded, wave_lengths: (B,) -> StudentOutput."""
         features = self.backbone.feature_extractor(wave)            # (B, C, T)
         if self.backbone.feature_grad_mult != 1.0:
-            from s3prl.upstream.distiller.module import GradMultiply
-
             features = GradMultiply.apply(features, self.backbone.feature_grad_mult)
         features = features.transpose(1, 2)                          # (B, T, C)
         frames = features.shape[1]
         frame_lengths = conv_frame_lengths(wave_lengths, self.backbone.conv_layers).clamp(max=frames)
-        padding = torch.arange(frames, device=wave.device)[None, :] >= frame_lengths[:, None]  # (B, T)
+        padding = ~valid_frames(frame_lengths, frames)               # (B, T)
         x = self.backbone.post_extract_proj(features) if self.backbone.post_extract_proj else features
         x = x.masked_fill(padding[..., None], 0.0)
         _, layer_hiddens = self.backbone.encoder(x, padding, get_hidden=True)
@@ -115,10 +131,16 @@ class EKDStudent(nn.Module):
         return StudentOutput(hidden_states, frame_lengths, predictions)
 
 
-def student_from_dict(state: dict) -> EKDStudent:
-    """Rebuild a student from the plain dict `student_state` returns (config, dims, weights)."""
+def student_from_dict(state: dict, heads: bool = True) -> EKDStudent:
+    """Rebuild a student from the plain dict `student_state` returns (config, dims, weights);
+    `heads=False` builds the backbone alone."""
     model = EKDStudent(StudentConfig(**state["config"]), state["head_dims"], state["num_targets"])
-    model.load_state_dict(state["state_dict"])
+    if not heads:
+        model.drop_heads()
+        weights = {k: v for k, v in state["state_dict"].items() if not k.startswith("heads.")}
+    else:
+        weights = state["state_dict"]
+    model.load_state_dict(weights)
     return model
 
 

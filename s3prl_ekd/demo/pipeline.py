@@ -6,6 +6,7 @@ corpus -> prepare -> teachers -> students -> superb -> report.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import yaml
 
+from s3prl_ekd.core.student import ekd_student_demo
 from s3prl_ekd.errors import UserError
-from s3prl_ekd.outputs import fingerprint
+from s3prl_ekd.io.files import fingerprint
+from s3prl_ekd.io.resources import pretrain_config
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TEACHER_KINDS = ("hubert", "robust_hubert", "wavlm")
 TEACHER_HUB = {"hubert": "hubert_local", "robust_hubert": "hubert_local", "wavlm": "wavlm_local"}
 TASK_METRICS = {"pr": ("per", "PER", False), "sid": ("acc", "SID acc", True),
@@ -40,9 +42,7 @@ class DemoConfig:
     full: bool = False            # all single-teacher baselines + three EKD students, every upstream benchmarked
     profile: str = "cpu-small"
     superb_steps: int | None = None  # downstream training steps; None = the profile's own (tests use a few)
-    student_dims: dict = field(default_factory=lambda: dict(
-        encoder_layers=2, encoder_embed_dim=192, encoder_ffn_embed_dim=768, encoder_attention_heads=4,
-        conv_feature_layers="[(128,10,5)] + [(128,3,2)] * 4 + [(128,2,2)] * 2", conv_pos=64, conv_pos_groups=16))
+    student_dims: dict = field(default_factory=lambda: dataclasses.asdict(ekd_student_demo()))
 
 
 def _key(*parts) -> str:
@@ -104,7 +104,7 @@ def pretrain_student(name: str, kinds: list[str], aggregation: str, teachers: di
     """Distil one student with `s3prl-ekd pretrain` (s3prl's runner); returns its final checkpoint."""
     model = {"teachers": [{"name": TEACHER_HUB[k], "ckpt": str(teachers[k])} for k in kinds],
              "aggregation": aggregation,
-             "student": {**config.student_dims, "init_from_teacher": True}}
+             "student": config.student_dims}
     work.mkdir(parents=True, exist_ok=True)
     model_path = work / f"{name}.yaml"
     model_path.write_text(yaml.safe_dump(model, sort_keys=False))
@@ -117,7 +117,7 @@ def pretrain_student(name: str, kinds: list[str], aggregation: str, teachers: di
         f"config.runner.log_step={max(1, steps // 50)}", "config.runner.max_keep=1",
     ])
     command = [sys.executable, "-m", "s3prl_ekd.cli", "pretrain", "-u", "ekd_distiller", "-g", str(model_path),
-               "-c", str(PROJECT_ROOT / "pretrain_configs" / "tiny_cpu_runner.yaml"), "-n", name,
+               "-c", str(pretrain_config("tiny_cpu_runner.yaml")), "-n", name,
                "-p", str(work / name), "--device", "cpu", "--seed", str(config.seed), "-o", overrides, "--force"]
     log = work / f"{name}.log"
     with open(log, "w") as handle:
@@ -128,10 +128,12 @@ def pretrain_student(name: str, kinds: list[str], aggregation: str, teachers: di
 
 
 def final_checkpoint(expdir: Path) -> Path:
-    ckpts = sorted(expdir.glob("states-*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not ckpts:
+    from s3prl_ekd.io.checkpoint import newest_checkpoint
+
+    found = newest_checkpoint(expdir)
+    if found is None:
         raise UserError(f"{expdir}: no checkpoint was written")
-    return ckpts[-1]
+    return found
 
 
 def count_parameters(upstream: str, ckpt: Path | None) -> int:
@@ -140,7 +142,7 @@ def count_parameters(upstream: str, ckpt: Path | None) -> int:
         return 0
     import s3prl.hub
 
-    import s3prl_ekd._hubhook  # noqa: F401  (ekd_distiller in s3prl.hub)
+    import s3prl_ekd.plugin.hub  # noqa: F401  (ekd_distiller in s3prl.hub)
 
     model = getattr(s3prl.hub, upstream)(ckpt=str(ckpt))
     return sum(p.numel() for p in model.parameters())
@@ -231,11 +233,11 @@ def plot_figures(report: dict, out: Path, curves: dict[str, list[tuple[int, floa
 def run_demo(config: DemoConfig, out: str | os.PathLike = "results/demo",
              data: str | os.PathLike = "data/demo", progress: bool = True) -> dict:
     """Run every stage (skipping cached ones) and write report.md / report.json; returns the report."""
-    from s3prl_ekd.corpus import synthesize_corpus
-    from s3prl_ekd.events import read_scalars
-    from s3prl_ekd.prepare import prepare_all
-    from s3prl_ekd.superb import run_superb
-    from s3prl_ekd.teacher_training import loss_curve_path, train_teacher
+    from s3prl_ekd.demo.corpus import synthesize_corpus
+    from s3prl_ekd.demo.teacher_training import loss_curve_path, train_teacher
+    from s3prl_ekd.io.events import read_scalars
+    from s3prl_ekd.recipes.layout import prepare_all
+    from s3prl_ekd.recipes.superb import run_superb
 
     out, data = Path(out).resolve(), Path(data).resolve()
     out.mkdir(parents=True, exist_ok=True)

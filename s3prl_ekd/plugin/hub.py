@@ -1,10 +1,10 @@
 """Adds the `ekd_distiller*` entries to `s3prl.hub` the moment s3prl imports it, and
 provides the few modules s3prl's experts import but its wheel lacks (MODULE_ALIASES).
 
-Imported at interpreter start-up by `s3prl_ekd_hub.pth` (written by
-`s3prl-ekd register`), so s3prl's unmodified run_downstream.py and
-`s3prl.nn.S3PRLUpstream` find the upstream. It imports nothing heavy until
-`s3prl.hub` itself is imported.
+Imported at interpreter start-up by `s3prl_ekd_hub.pth`, which the wheel installs beside the
+package (pip uninstall removes it) and `s3prl-ekd register` writes for editable installs, so
+s3prl's unmodified run_downstream.py, `s3prl.nn.S3PRLUpstream` and ESPnet's S3prlFrontend
+find the upstream. It imports nothing heavy until `s3prl.hub` itself is imported.
 """
 
 from __future__ import annotations
@@ -14,14 +14,20 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
+import sysconfig
+from pathlib import Path
 
 HUB_MODULE = "s3prl.hub"
 # Modules s3prl's experts import but the wheel lacks: s3prl name -> our module providing them
 # (None: an empty package). Asked last, so a full s3prl checkout's own modules win.
 MODULE_ALIASES = {
     "s3prl.downstream.ctc.corpus": None,
-    "s3prl.downstream.ctc.corpus.libriphone": "s3prl_ekd.recipes_ctc_corpus",
+    "s3prl.downstream.ctc.corpus.libriphone": "s3prl_ekd.plugin.libriphone",
 }
+# The start-up hook, beside this module; setup.py puts the same file at the top of the wheel.
+# One line, as .pth files need; a missing or broken stack is reported when s3prl_ekd is used,
+# not by every interpreter start in the environment, hence its ImportError guard.
+PTH_NAME = "s3prl_ekd_hub.pth"
 
 
 def add_entries(hub_module) -> None:
@@ -88,6 +94,22 @@ def install() -> None:
         add_entries(sys.modules[HUB_MODULE])
     elif not any(isinstance(finder, _HubFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, _HubFinder())
+
+
+def register(site_dir: str | Path | None = None) -> Path:
+    """Write the start-up hook into `site_dir` (default: this environment's site-packages). Idempotent."""
+    pth = Path(site_dir or sysconfig.get_paths()["purelib"]) / PTH_NAME
+    pth.write_text((Path(__file__).parent / PTH_NAME).read_text())
+    return pth
+
+
+def unregister(site_dir: str | Path | None = None) -> Path | None:
+    """Remove the start-up hook; returns its path, or None if there was none."""
+    pth = Path(site_dir or sysconfig.get_paths()["purelib"]) / PTH_NAME
+    if not pth.is_file():
+        return None
+    pth.unlink()
+    return pth
 
 
 install()

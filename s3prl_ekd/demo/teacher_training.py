@@ -8,9 +8,6 @@ utterance-mixing denoising. Checkpoints load with `s3prl.hub.hubert_local` / `wa
 from __future__ import annotations
 
 import hashlib
-import json
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +17,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from s3prl_ekd.audio import SAMPLE_RATE, audio_info, load_audio
+from s3prl_ekd.core import frames
 from s3prl_ekd.errors import AudioError, ConfigError
-from s3prl_ekd.teacher_zoo import build_hubert, build_wavlm, save_hubert_local, save_wavlm_local
+from s3prl_ekd.io.audio import SAMPLE_RATE, audio_info, load_audio
+from s3prl_ekd.io.files import atomic_torch_save, atomic_write_json
+from s3prl_ekd.plugin.teacher_formats import build_hubert, build_wavlm, save_hubert_local, save_wavlm_local
 
 TeacherKind = Literal["hubert", "robust_hubert", "wavlm"]
 KINDS: tuple[str, ...] = ("hubert", "robust_hubert", "wavlm")
 
-# The CNN of both models has a 400-sample receptive field and a 320-sample hop (50 Hz);
-# MFCC frames use the same window and hop, so label i belongs to CNN frame i.
-HOP = 320
-WINDOW = 400
 MIN_SECONDS = 0.5  # shorter utterances leave too few frames for 10-frame mask spans
 
 # Architecture of the demo teachers (teacher_zoo fields): 2.2M parameters, fast on 2 CPU cores.
@@ -40,6 +35,10 @@ DEFAULT_SIZE = dict(
     conv_feature_layers="[(128,10,5)] + [(128,3,2)] * 4 + [(128,2,2)] * 2",
     conv_pos=64, conv_pos_groups=16,
 )
+# MFCC frames use the CNN's receptive field as window and its hop (400 and 320 samples, 50 Hz),
+# so label i belongs to CNN frame i.
+CONV_LAYERS = frames.parse_conv_layers(DEFAULT_SIZE["conv_feature_layers"])
+HOP, WINDOW = frames.hop_length(CONV_LAYERS), frames.receptive_field(CONV_LAYERS)
 DEFAULT_STEPS = 200
 DEFAULT_LR = 1e-3
 DEFAULT_CLUSTERS = 50
@@ -56,8 +55,8 @@ KMEANS_VERSION = 1  # bump when the MFCC/k-means recipe changes, to invalidate c
 # ---------------------------------------------------------------------------------------------
 
 def num_frames(samples: int) -> int:
-    """Frames the 320-hop CNN (and the MFCC below) gives for `samples` samples (0 if too short)."""
-    return 1 + (samples - WINDOW) // HOP if samples >= WINDOW else 0
+    """Frames the teachers' CNN (and the MFCC below) gives for `samples` samples (0 if too short)."""
+    return frames.num_frames(samples, CONV_LAYERS)
 
 
 def mfcc_features(wav: torch.Tensor) -> torch.Tensor:
@@ -153,11 +152,8 @@ def cluster_targets(files: list[Path], audio: list[torch.Tensor], *, n_clusters:
     targets = ClusterTargets(files=[str(f) for f in files], centroids=centroids, mean=mean, std=std,
                              labels=labels)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
-        torch.save({"files": targets.files, "centroids": centroids, "mean": mean, "std": std,
-                    "labels": [lab.to(torch.int16) for lab in labels]}, tmp)
-        os.replace(tmp, cache)
+        atomic_torch_save({"files": targets.files, "centroids": centroids, "mean": mean, "std": std,
+                           "labels": [lab.to(torch.int16) for lab in labels]}, cache)
     return targets
 
 
@@ -321,12 +317,18 @@ def loss_curve_path(ckpt_path: str | Path) -> Path:
 
 
 def resolve_size(size: dict | None) -> dict:
-    """DEFAULT_SIZE with `size`'s overrides; an unknown key is a ConfigError."""
+    """DEFAULT_SIZE with `size`'s overrides; an unknown key, or a CNN whose frames would not match
+    the MFCC targets' (WINDOW, HOP), is a ConfigError."""
     size = dict(size or {})
     unknown = sorted(set(size) - set(DEFAULT_SIZE))
     if unknown:
         raise ConfigError(f"size: unknown key(s) {unknown}; use some of {sorted(DEFAULT_SIZE)}")
-    return {**DEFAULT_SIZE, **size}
+    size = {**DEFAULT_SIZE, **size}
+    layers = frames.parse_conv_layers(size["conv_feature_layers"])
+    if (frames.hop_length(layers), frames.receptive_field(layers)) != (HOP, WINDOW):
+        raise ConfigError(f"size.conv_feature_layers: {size['conv_feature_layers']!r} has another hop or receptive "
+                          f"field than the MFCC targets ({HOP}, {WINDOW} samples); keep the strides and kernels")
+    return size
 
 
 def _load_corpus(audio_files: list[Path]) -> list[torch.Tensor]:
@@ -429,9 +431,7 @@ def train_teacher(kind: TeacherKind, audio_files: list[Path], out_path: Path, *,
                "cpu_seconds_per_step": result.cpu_seconds_per_step,
                "num_parameters": result.num_parameters, "loss": result.loss_curve,
                "cross_entropy": result.cross_entropy_curve, "accuracy": result.accuracy_curve}
-    tmp = result.loss_curve_path.with_name(result.loss_curve_path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, result.loss_curve_path)
+    atomic_write_json(result.loss_curve_path, summary)
     return result
 
 
@@ -461,11 +461,11 @@ def _train(kind, audio, targets: ClusterTargets, architecture: dict, *, steps, b
             model, wavs, labels, unmasked_weight=unmasked_weight)
         save = lambda path: save_hubert_local(model, model_cfg, task_cfg, symbols, path)  # noqa: E731
 
+    from transformers import get_cosine_schedule_with_warmup
+
     optimizer = torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup = max(1, steps // 10)
-    # Linear warm-up then cosine decay to 0.
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
-        (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * max(0, s + 1 - warmup) / max(1, steps - warmup)))))
+    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=max(1, steps // 10),
+                                               num_training_steps=steps)
     data_generator = torch.Generator().manual_seed(seed + 1)
     batches = _Batches(audio, targets.labels, batch_size, crop_samples, data_generator)
 
@@ -521,7 +521,7 @@ def register_cli(subparsers) -> None:
 
 
 def _cli_train(args) -> int:
-    from s3prl_ekd.audio import list_audio_files
+    from s3prl_ekd.io.audio import list_audio_files
 
     result = train_teacher(args.kind, list_audio_files(args.audio_dir), args.out, steps=args.steps,
                            seed=args.seed, batch_size=args.batch_size, crop_seconds=args.crop_seconds,

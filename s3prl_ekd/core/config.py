@@ -7,17 +7,13 @@ path and the fix; every default lives in the dataclasses below.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-
+from s3prl_ekd.core.student import StudentConfig
 from s3prl_ekd.errors import ConfigError
-from s3prl_ekd.student import StudentConfig
+from s3prl_ekd.io.strict import from_dict, read_yaml_mapping
 
 AGGREGATIONS = ("layerwise_average", "layerwise_concat", "multi_head")
 
@@ -73,65 +69,6 @@ def default_layers(depth: int, count: int = 3) -> list[int]:
     return sorted({max(1, round(depth * (i + 1) / count)) for i in range(count)})
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp, where: str):
-    """Check `value` against the annotation `tp`, building nested dataclasses."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(value, option, where)
-            except ConfigError as error:
-                errors.append(error)
-        raise errors[0]
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
-        return value
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_convert(item, item_tp, f"{where}[{i}]") for i, item in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    return value
-
-
-def from_dict(cls, data: Any, where: str = "config"):
-    """Build dataclass `cls` from a plain dict; unknown or missing keys are errors."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(fields)}"
-            raise ConfigError(f"{where}.{key}: unknown key; {hint}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], f"{where}.{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}.{name}: required key is missing")
-    return cls(**kwargs)
-
-
 def teacher_shape(teacher: TeacherConfig) -> tuple[int, int] | None:
     """(depth, hidden dim) of `teacher` read without building it, or None if unknown."""
     if teacher.name in KNOWN_SHAPES:
@@ -153,7 +90,7 @@ def validate(config: EKDConfig, where: str = "config") -> EKDConfig:
     if not config.teachers:
         raise ConfigError(f"{where}.teachers: no teachers; list at least one, e.g. "
                           "[{name: hubert_base}]")
-    counts, dims = set(), {}
+    dims = {}
     for i, teacher in enumerate(config.teachers):
         key = f"{where}.teachers[{i}]"
         if teacher.ckpt is not None and not teacher.ckpt.startswith(("http://", "https://")):
@@ -170,24 +107,34 @@ def validate(config: EKDConfig, where: str = "config") -> EKDConfig:
             dims[f"teachers[{i}] ({teacher.name})"] = shape[1]
         if teacher.layers is None and depth is not None:
             teacher.layers = default_layers(depth)
-        if teacher.layers is not None:
-            if not teacher.layers:
-                raise ConfigError(f"{key}.layers: empty; list the hidden-state indices to predict")
-            for layer in teacher.layers:
-                if layer < 0 or (depth is not None and layer > depth):
-                    valid = f"0..{depth}" if depth is not None else ">= 0"
-                    raise ConfigError(f"{key}.layers: {layer} is out of range for {teacher.name} "
-                                      f"with {depth} layers; use {valid} (0 = pre-transformer output)")
-            counts.add(len(teacher.layers))
-    if len(counts) > 1:
-        raise ConfigError(f"{where}.teachers[*].layers: every teacher must list the same number of layers "
-                          f"(the i-th entries form target i), got lengths {sorted(counts)}")
+        check_layers(teacher, depth, key)
+    check_layer_counts(config.teachers, where)
     if config.aggregation == "layerwise_average":
         check_averageable(dims, f"{where}.aggregation")
     if config.student.encoder_embed_dim % config.student.encoder_attention_heads:
         raise ConfigError(f"{where}.student.encoder_embed_dim: {config.student.encoder_embed_dim} is not "
                           f"divisible by encoder_attention_heads={config.student.encoder_attention_heads}")
     return config
+
+
+def check_layers(teacher: TeacherConfig, depth: int | None, where: str) -> None:
+    """`teacher.layers` non-empty and within 0..depth (depth None: not known yet)."""
+    if teacher.layers is None:
+        return
+    if not teacher.layers:
+        raise ConfigError(f"{where}.layers: empty; list the hidden-state indices to predict")
+    for layer in teacher.layers:
+        if layer < 0 or (depth is not None and layer > depth):
+            valid = f"0..{depth}" if depth is not None else ">= 0"
+            raise ConfigError(f"{where}.layers: {layer} is out of range for {teacher.name} "
+                              f"with {depth} layers; use {valid} (0 = pre-transformer output)")
+
+
+def check_layer_counts(teachers: list[TeacherConfig], where: str) -> None:
+    counts = {len(t.layers) for t in teachers if t.layers is not None}
+    if len(counts) > 1:
+        raise ConfigError(f"{where}.teachers[*].layers: every teacher must list the same number of layers "
+                          f"(the i-th entries form target i), got lengths {sorted(counts)}")
 
 
 def check_averageable(dims: dict[str, int], where: str) -> None:
@@ -206,14 +153,8 @@ def load_config(source: str | Path | dict) -> EKDConfig:
     where, base = "config", None
     if not isinstance(source, dict):
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"{path}: model config (-g) not found")
-        where = str(path)
-        try:
-            source = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({error})") from error
-        base = path.resolve().parent
+        source = read_yaml_mapping(path, "model config (-g)")
+        where, base = str(path), path.resolve().parent
     config = from_dict(EKDConfig, source, where)
     for teacher in config.teachers:
         if base and teacher.ckpt and "://" not in teacher.ckpt and not Path(teacher.ckpt).is_absolute():

@@ -13,8 +13,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from s3prl_ekd.config import TeacherConfig, check_averageable, default_layers
+from s3prl_ekd.core.config import TeacherConfig, check_averageable, check_layer_counts, check_layers, default_layers
 from s3prl_ekd.errors import CheckpointError, ConfigError
+from s3prl_ekd.io.audio import SAMPLE_RATE
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_FRAME_MISMATCH = 2  # teachers may disagree by a frame or two at the edges (s3prl issue 331)
@@ -87,7 +88,7 @@ class TeacherEnsemble(nn.Module):
         if len(set(rates)) > 1:
             listed = ", ".join(f"{n}: {r} samples/frame" for n, r in zip(self.names, rates))
             raise ConfigError(f"teachers: frame rates differ ({listed}); EKD needs teachers of one frame rate")
-        wav = [torch.zeros(16000, device=device)]
+        wav = [torch.zeros(SAMPLE_RATE, device=device)]
         self.depths, self.dims = [], []
         for i, (config, upstream) in enumerate(zip(self.configs, self.upstreams)):
             states = upstream(wav)["hidden_states"]
@@ -96,12 +97,8 @@ class TeacherEnsemble(nn.Module):
             self.dims.append(dim)
             if config.layers is None:
                 config.layers = default_layers(depth)
-            bad = [layer for layer in config.layers if not 0 <= layer <= depth]
-            if bad:
-                raise ConfigError(f"teachers[{i}].layers: {bad[0]} is out of range for {config.name} "
-                                  f"with {depth} layers; use 0..{depth}")
-        if len({len(c.layers) for c in self.configs}) > 1:
-            raise ConfigError("teachers[*].layers: every teacher must list the same number of layers")
+            check_layers(config, depth, f"teachers[{i}]")
+        check_layer_counts(self.configs, "config")
         if aggregation == "layerwise_average":
             check_averageable(dict(zip(self.names, self.dims)), "aggregation")
 

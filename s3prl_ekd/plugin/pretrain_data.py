@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from s3prl_ekd.audio import audio_info, list_audio_files, load_audio
-from s3prl_ekd.config import from_dict
-from s3prl_ekd.errors import ConfigError
+from s3prl_ekd.errors import AudioError, ConfigError
+from s3prl_ekd.io.audio import SAMPLE_RATE, audio_info, list_audio_files, load_audio
+from s3prl_ekd.io.strict import from_dict
 
 
 @dataclass
@@ -35,6 +35,7 @@ class DataConfig:
     max_timestep: int = 0            # s3prl: > 0 drops longer files, < 0 drops shorter ones (samples)
     resample: bool = False           # resample other rates to 16 kHz instead of failing
     downmix: bool = False            # average channels instead of failing on multi-channel files
+    skip_short: bool = False         # skip (and count) files shorter than the CNN's receptive field instead of failing
 
 
 def load_datarc(datarc: dict) -> DataConfig:
@@ -49,6 +50,20 @@ def load_datarc(datarc: dict) -> DataConfig:
     if config.train_batch_size < 1:
         raise ConfigError("pretrain_expert.datarc.train_batch_size: must be >= 1")
     return config
+
+
+def check_data_source(config: DataConfig) -> None:
+    """The folder or CSV files the datarc names exist (cheap: no audio is read)."""
+    if config.audio_dir is not None:
+        if not Path(config.audio_dir).is_dir():
+            raise ConfigError(f"pretrain_expert.datarc.audio_dir: {config.audio_dir} is not a folder; "
+                              "point it at your training audio")
+        return
+    for name in config.sets:
+        csv = Path(config.file_path) / f"{name}.csv"
+        if not csv.is_file():
+            raise ConfigError(f"pretrain_expert.datarc.sets: {csv} not found; create it with s3prl's "
+                              "preprocess/generate_len_for_bucket.py or use audio_dir")
 
 
 def read_bucket_csvs(file_path: str, sets: list[str], libri_root: str | None) -> list[tuple[Path, int]]:
@@ -75,10 +90,24 @@ def scan_audio_dir(audio_dir: str, resample: bool, downmix: bool) -> list[tuple[
     rows = []
     for path in list_audio_files(audio_dir):
         info = audio_info(path)
-        if info.frames == 0 or (info.channels != 1 and not downmix) or (info.samplerate != 16000 and not resample):
+        if info.frames == 0 or (info.channels != 1 and not downmix) or (info.samplerate != SAMPLE_RATE and not resample):
             load_audio(path, resample=resample, downmix=downmix)  # raises the AudioError naming file and fix
-        rows.append((path, round(info.frames * 16000 / info.samplerate)))
+        rows.append((path, round(info.frames * SAMPLE_RATE / info.samplerate)))
     return rows
+
+
+def drop_short(rows: list[tuple[Path, int]], min_samples: int, skip: bool) -> list[tuple[Path, int]]:
+    """Rows of at least `min_samples` samples; a shorter one is an AudioError unless `skip`."""
+    kept = [row for row in rows if row[1] >= min_samples]
+    if len(kept) < len(rows):
+        short = [row for row in rows if row[1] < min_samples]
+        if not skip:
+            path, samples = short[0]
+            raise AudioError(f"{path}: {samples} samples, shorter than the student CNN's receptive field "
+                             f"({min_samples} samples), so it yields no frame; remove it, or set "
+                             f"skip_short: true in pretrain_expert.datarc ({len(short)} such file(s))")
+        print(f"[EKD] - skipped {len(short)} file(s) shorter than {min_samples} samples (skip_short: true)")
+    return kept
 
 
 def make_buckets(rows: list[tuple[Path, int]], batch_size: int, max_timestep: int = 0) -> list[list[Path]]:
@@ -110,12 +139,13 @@ def crop_and_pad(wavs: list[torch.Tensor], sequence_length: int) -> tuple[torch.
 class BucketDataset(Dataset):
     """Item i is batch i: (wave (B, S), lengths (B,))."""
 
-    def __init__(self, config: DataConfig):
+    def __init__(self, config: DataConfig, min_samples: int = 1):
         self.config = config
         if config.audio_dir is not None:
             rows = scan_audio_dir(config.audio_dir, config.resample, config.downmix)
         else:
             rows = read_bucket_csvs(config.file_path, config.sets, config.libri_root)
+        rows = drop_short(rows, min_samples, config.skip_short)
         self.buckets = make_buckets(rows, config.train_batch_size, config.max_timestep)
         if not self.buckets:
             source = config.audio_dir or config.file_path
@@ -135,8 +165,8 @@ def _first(items):
     return items[0]  # the DataLoader's batch of one pre-built bucket
 
 
-def train_dataloader(config: DataConfig) -> DataLoader:
-    dataset = BucketDataset(config)
+def train_dataloader(config: DataConfig, min_samples: int = 1) -> DataLoader:
+    dataset = BucketDataset(config, min_samples)
     workers = min(config.num_workers, os.cpu_count() or 1)
     return DataLoader(dataset, batch_size=1, shuffle=True, num_workers=workers,
                       collate_fn=_first, pin_memory=torch.cuda.is_available(),

@@ -7,100 +7,53 @@ model.pt dict the upstream is built from.
 
 from __future__ import annotations
 
-import importlib.metadata
+import importlib
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from s3prl_ekd.errors import CheckpointError, UserError
+from s3prl_ekd.errors import UserError
+from s3prl_ekd.io.audio import SAMPLE_RATE
+from s3prl_ekd.io.checkpoint import read_checkpoint
 
 if TYPE_CHECKING:
-    from s3prl_ekd.student import EKDStudent
+    from s3prl_ekd.core.student import EKDStudent
     from s3prl_ekd.upstream.ekd_distiller.expert import UpstreamExpert
 
 # torch, s3prl and the expert are imported inside the functions: the CLI imports this module
 # for every subcommand.
 
-# Files of the submission folder that are copies of this package's modules (the expert
-# imports `ekd_student` / `ekd_errors` when it runs from the folder, see expert.py).
-COPIED_MODULES = {"expert.py": "s3prl_ekd.upstream.ekd_distiller.expert",
-                  "ekd_student.py": "s3prl_ekd.student", "ekd_errors.py": "s3prl_ekd.errors"}
+# The submission folder carries copies of the modules the upstream needs, under their own
+# package names, so `from expert import UpstreamExpert` works where s3prl-ekd is not installed
+# (where it is, the installed package is found first: s3prl appends the folder to sys.path).
+VENDORED_MODULES = ("s3prl_ekd.errors", "s3prl_ekd.io.strict", "s3prl_ekd.io.checkpoint",
+                    "s3prl_ekd.core.frames", "s3prl_ekd.core.student",
+                    "s3prl_ekd.upstream.ekd_distiller.expert")
+EXPERT_SHIM = '''"""SUPERB upstream entry point: the EKD student of model.pt (written by `s3prl-ekd export`)."""
+from s3prl_ekd.upstream.ekd_distiller.expert import UpstreamExpert  # noqa: F401
+'''
 MODEL_FILE = "model.pt"
-REQUIRED_DISTRIBUTIONS = ("torch", "torchaudio", "s3prl", "PyYAML")
-WRITTEN_FILES = (*COPIED_MODULES, MODEL_FILE, "requirements.txt", "README.md")
+REQUIRED_DISTRIBUTIONS = ("torch", "torchaudio", "PyYAML")  # plus the s3prl distribution installed here
+WRITTEN_FILES = ("expert.py", "s3prl_ekd", MODEL_FILE, "requirements.txt", "README.md")  # s3prl_ekd: a folder
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else ""
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A states-*.ckpt of `s3prl-ekd pretrain` or an exported model.pt, as the model.pt dict."""
-    import torch
-
-    from s3prl_ekd.pretrain_expert import MODEL_CONFIG_KEY, STUDENT_KEY, TEACHER_DIMS_KEY
-    from s3prl_ekd.s3prl_bridge import allow_namespace_checkpoints
-    from s3prl_ekd.upstream.ekd_distiller.expert import MODEL_FORMAT, check_model_dict
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        with allow_namespace_checkpoints():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"{path}: cannot read as a torch checkpoint, the file is corrupt, truncated or "
-                              f"not a checkpoint ({type(error).__name__}: {_first_line(error)}); pass a "
-                              "states-*.ckpt from `s3prl-ekd pretrain` or a model.pt from `s3prl-ekd export`") from error
-    if isinstance(state, dict) and state.get("format") == MODEL_FORMAT:
-        return check_model_dict(state, path)
-    if not isinstance(state, dict) or STUDENT_KEY not in state:
-        raise CheckpointError(f"{path}: not an ekd_distiller checkpoint ({_describe(state)}); pass a "
-                              "states-*.ckpt from `s3prl-ekd pretrain -u ekd_distiller` or a model.pt from "
-                              "`s3prl-ekd export`")
-    if MODEL_CONFIG_KEY not in state:
-        raise CheckpointError(f"{path}: ekd_distiller checkpoint without '{MODEL_CONFIG_KEY}' (the model "
-                              "config); it was written by an older s3prl-ekd, re-run pretraining")
-    model_config = state[MODEL_CONFIG_KEY]
-    student_state = state[STUDENT_KEY]
-    teachers = [{"name": t["name"], "layers": list(t["layers"]), "weight": t["weight"]}
-                for t in model_config["teachers"]]
-    dims = state.get(TEACHER_DIMS_KEY) or teacher_dims(model_config, student_state["head_dims"])
-    for teacher, dim in zip(teachers, dims):
-        teacher["dim"] = dim
-    return {"format": MODEL_FORMAT, "student": student_state, "aggregation": model_config["aggregation"],
-            "teachers": teachers, "step": int(state.get("Step", 0)), "model_config": model_config}
-
-
-def _describe(state) -> str:
-    if not isinstance(state, dict):
-        return f"it holds a {type(state).__name__}"
-    keys = sorted(map(str, state))
-    if {"model_weight", "model_cfg"} <= set(keys) or {"cfg", "model"} <= set(keys):
-        return f"it looks like a teacher model checkpoint, keys {keys[:8]}"
-    if "Downstream" in keys:
-        return "it is a downstream (run_downstream.py) checkpoint"
-    return f"no 'Student' entry, keys {keys[:8]}"
-
-
-def teacher_dims(model_config: dict, head_dims: list[int]) -> list[int | None]:
-    """Each teacher's hidden size: from the head sizes, or for layerwise_concat of several
-    teachers from the teachers' known shapes / checkpoints (None where unknown)."""
-    from s3prl_ekd.config import TeacherConfig, teacher_shape
-
-    teachers, aggregation = model_config["teachers"], model_config["aggregation"]
-    if aggregation == "layerwise_average":
-        return [head_dims[0]] * len(teachers)
-    if aggregation == "multi_head" or len(teachers) == 1:
-        return list(head_dims)
-    shapes = [teacher_shape(TeacherConfig(name=t["name"], ckpt=t.get("ckpt"))) for t in teachers]
-    dims = [shape[1] if shape else None for shape in shapes]
-    if None in dims or sum(dims) != head_dims[0]:
-        return [None] * len(teachers)
-    return dims
+def write_vendored_package(outdir: Path) -> None:
+    """outdir/s3prl_ekd/...: copies of VENDORED_MODULES, with empty package __init__ files."""
+    target_root = outdir / "s3prl_ekd"
+    if target_root.exists():
+        shutil.rmtree(target_root)
+    for module_name in VENDORED_MODULES:
+        parts = module_name.split(".")
+        target = outdir.joinpath(*parts).with_suffix(".py")
+        for depth in range(1, len(parts)):
+            package = outdir.joinpath(*parts[:depth])
+            package.mkdir(exist_ok=True)
+            init = package / "__init__.py"
+            if not init.exists():
+                init.write_text('"""Copied by `s3prl-ekd export`: what the SUPERB upstream needs of s3prl-ekd."""\n')
+        shutil.copyfile(importlib.import_module(module_name).__file__, target)
 
 
 @dataclass
@@ -134,7 +87,7 @@ def measure_speed(upstream: UpstreamExpert, audio_seconds: float = 10.0, device:
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     upstream = upstream.to(device).eval()
-    wav = torch.randn(int(audio_seconds * 16000), generator=torch.Generator().manual_seed(0)).to(device)
+    wav = torch.randn(int(audio_seconds * SAMPLE_RATE), generator=torch.Generator().manual_seed(0)).to(device)
     times = []
     with torch.inference_mode():
         for i in range(repeats + 1):
@@ -172,9 +125,13 @@ class ExportReport:
 
 
 def requirements() -> str:
-    """Pins of what expert.py imports, taken from this environment."""
+    """Pins of what the upstream imports, taken from this environment (s3prl or espnet-s3prl)."""
+    import importlib.metadata
+
+    from s3prl_ekd.stack import s3prl_distribution
+
     lines = []
-    for name in REQUIRED_DISTRIBUTIONS:
+    for name in (*REQUIRED_DISTRIBUTIONS, s3prl_distribution()):
         version = importlib.metadata.version(name).split("+")[0]  # drop local tags like +cu128
         lines.append(f"{name}=={version}")
     return "\n".join(lines) + "\n"
@@ -192,24 +149,21 @@ def export(ckpt: str | Path, outdir: str | Path, force: bool = False, speed_seco
     if outdir.is_dir() and any(outdir.iterdir()) and not force:
         raise UserError(f"{outdir}: not empty; pick an empty or new OUTDIR, or pass --force to replace "
                         f"{', '.join(WRITTEN_FILES)} in it")
-    import importlib
-
-    import torch
-
+    from s3prl_ekd.io.files import atomic_torch_save, atomic_write_text
     from s3prl_ekd.upstream.ekd_distiller.expert import UpstreamExpert
 
     state = read_checkpoint(ckpt)
     outdir.mkdir(parents=True, exist_ok=True)
-    for name, module_name in COPIED_MODULES.items():
-        shutil.copyfile(importlib.import_module(module_name).__file__, outdir / name)
-    torch.save(state, outdir / MODEL_FILE)
-    (outdir / "requirements.txt").write_text(requirements())
+    write_vendored_package(outdir)
+    atomic_write_text(outdir / "expert.py", EXPERT_SHIM)
+    atomic_torch_save(state, outdir / MODEL_FILE)
+    atomic_write_text(outdir / "requirements.txt", requirements())
 
     upstream = UpstreamExpert(str(outdir / MODEL_FILE))  # also proves the written model.pt loads
     report = ExportReport(outdir, state["step"], count_parameters(upstream.student),
                           measure_speed(upstream, speed_seconds, device) if speed_seconds else None,
                           upstream.hidden_state_names, upstream.get_downsample_rates("hidden_states"))
-    (outdir / "README.md").write_text(model_card(state, report))
+    atomic_write_text(outdir / "README.md", model_card(state, report))
     return report
 
 

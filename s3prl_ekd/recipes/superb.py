@@ -1,33 +1,30 @@
 """Benchmark one upstream on PR, SID, ER and ASR with s3prl's own run_downstream.py.
 
 For each task: recipe config (downstream_recipes/<task>/<profile>.yaml + the paths from
-`prepare`) -> train -> evaluate the best dev checkpoint on test -> parse the metric s3prl prints.
-Writes OUT/results.json and OUT/results.md.
+`prepare`) -> train -> evaluate the best dev checkpoint on test -> score the prediction files
+s3prl writes (recipes.scores). Writes OUT/results.json and OUT/results.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fcntl
 import json
 import os
-import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
 from s3prl_ekd.errors import ConfigError, UserError
-from s3prl_ekd.outputs import fingerprint, fresh_owned_dir
-from s3prl_ekd.prepare import PREPARED_NAME, RECIPES_DIR, TASKS
+from s3prl_ekd.io.files import atomic_write_json, atomic_write_text, fingerprint, fresh_owned_dir
+from s3prl_ekd.io.resources import recipe_file
+from s3prl_ekd.recipes.layout import PREPARED_NAME, TASKS
+from s3prl_ekd.recipes.scores import percent, utterance_scores
 
 PROFILES = ("cpu-small", "superb")
 MARKER_NAME = ".s3prl_ekd_superb"  # marks experiment folders superb made, the only ones it clears
@@ -36,22 +33,21 @@ RESULT_NAME = "task_result.json"
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """How one task runs through s3prl: expert (-d), metric printed as `<split> <metric>: x`,
-    factor to percent, the split names, and the best-on-dev checkpoint name."""
+    """How one task runs through s3prl: expert (-d), metric name, the test split's name, and the
+    best-on-dev checkpoint name."""
 
     downstream: str
     metric: str
-    to_percent: float
     test_split: str
     best_checkpoint: str
     higher_is_better: bool
 
 
 TASK_SPECS = {
-    "pr": TaskSpec("ctc", "per", 100.0, "test", "dev-best.ckpt", False),
-    "sid": TaskSpec("voxceleb1", "acc", 100.0, "test", "dev-best.ckpt", True),
-    "er": TaskSpec("emotion", "acc", 100.0, "test", "dev-best.ckpt", True),
-    "asr": TaskSpec("asr", "wer", 1.0, "test-clean", "dev-clean-best.ckpt", False),
+    "pr": TaskSpec("ctc", "per", "test", "dev-best.ckpt", False),
+    "sid": TaskSpec("voxceleb1", "acc", "test", "dev-best.ckpt", True),
+    "er": TaskSpec("emotion", "acc", "test", "dev-best.ckpt", True),
+    "asr": TaskSpec("asr", "wer", "test-clean", "dev-clean-best.ckpt", False),
 }
 # ER folds to run: the paper's protocol averages every held-out session; cpu-small runs one.
 ALL_FOLDS = {"cpu-small": False, "superb": True}
@@ -88,7 +84,7 @@ def recipe_config(task: str, profile: str, prepared: dict, steps: int | None = N
     `steps` replaces the training length (evaluating and saving half-way and at the end)."""
     if profile not in PROFILES:
         raise ConfigError(f"--profile {profile}: use one of {', '.join(PROFILES)}")
-    path = RECIPES_DIR / task / f"{profile}.yaml"
+    path = recipe_file(task, f"{profile}.yaml")
     config = deep_merge(yaml.safe_load(path.read_text()), prepared["config"])
     if steps is not None:
         if steps < 1:
@@ -97,23 +93,6 @@ def recipe_config(task: str, profile: str, prepared: dict, steps: int | None = N
         config = deep_merge(config, {"runner": {"total_steps": steps, "eval_step": every,
                                                 "save_step": every, "log_step": every}})
     return config
-
-
-@contextmanager
-def voxceleb1_cache_cleared():
-    """Hold a lock on, and empty, the file-list cache s3prl's voxceleb1 expert keeps in its own
-    package folder (.cache/{train,dev,test}.pkl, reused whatever the config says)."""
-    from s3prl_ekd.s3prl_bridge import installed_s3prl_dir
-
-    folder = installed_s3prl_dir() / "downstream" / "voxceleb1"
-    with open(folder / ".s3prl_ekd.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two SID runs at once would read each other's lists
-        try:
-            shutil.rmtree(folder / ".cache", ignore_errors=True)
-            yield
-        finally:
-            shutil.rmtree(folder / ".cache", ignore_errors=True)
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def downstream_command(argv: list[str]) -> list[str]:
@@ -138,15 +117,6 @@ def run_logged(command: list[str], log: Path, task: str, threads: int | None) ->
         raise UserError(f"{task}: run_downstream.py failed (exit {code}); command: "
                         f"{shlex.join(command)}\nlogs: {log}, {log.with_suffix('.err')}\n{tail}")
     return stdout
-
-
-def parse_metric(stdout: str, split: str, metric: str) -> float:
-    """The last `<split> <metric>: <value>` line s3prl printed."""
-    pattern = re.compile(rf"^{re.escape(split)} {re.escape(metric)}: (\S+)\s*$", re.MULTILINE)
-    found = pattern.findall(stdout)
-    if not found:
-        raise UserError(f"no '{split} {metric}: ...' line in run_downstream.py's output")
-    return float(found[-1])
 
 
 def pick_checkpoint(expdir: Path, spec: TaskSpec) -> Path:
@@ -178,8 +148,7 @@ def run_one(task: str, config: dict, expdir: Path, upstream: str, ckpt: str | No
     """Train then test one recipe config in `expdir` with s3prl's run_downstream.py."""
     spec = TASK_SPECS[task]
     fresh_owned_dir(expdir, MARKER_NAME, "s3prl-ekd superb")
-    config_path = expdir / "recipe.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    config_path = atomic_write_text(expdir / "recipe.yaml", yaml.safe_dump(config, sort_keys=False))
     train = ["-m", "train", "-u", upstream, "-d", spec.downstream, "-c", str(config_path),
              "-p", str(expdir), "--device", device, "--seed", str(seed)]
     if ckpt:
@@ -187,19 +156,17 @@ def run_one(task: str, config: dict, expdir: Path, upstream: str, ckpt: str | No
     if upstream_config:
         train += ["-g", str(upstream_config)]
     train_cmd = downstream_command(train)
-    guard = voxceleb1_cache_cleared if task == "sid" else contextlib.nullcontext
     start = time.perf_counter()
-    with guard():
-        run_logged(train_cmd, expdir / "train.log", task, threads)
+    run_logged(train_cmd, expdir / "train.log", task, threads)
     train_seconds = time.perf_counter() - start
     checkpoint = pick_checkpoint(expdir, spec)
     test_cmd = downstream_command(["-m", "evaluate", "-e", str(checkpoint), "-t", spec.test_split,
                                    "--device", device])
     start = time.perf_counter()
-    with guard():
-        stdout = run_logged(test_cmd, expdir / "test.log", task, threads)
+    run_logged(test_cmd, expdir / "test.log", task, threads)
     test_seconds = time.perf_counter() - start
-    value = parse_metric(stdout, spec.test_split, spec.metric) * spec.to_percent
+    fold = config["downstream_expert"]["datarc"].get("test_fold") if task == "er" else None
+    value = percent(utterance_scores(task, expdir, spec.test_split, fold))
     return RunResult(round(value, 4), int(config["runner"]["total_steps"]), round(train_seconds, 1),
                      round(test_seconds, 1), str(checkpoint),
                      [shlex.join(train_cmd), shlex.join(test_cmd)])
@@ -251,7 +218,7 @@ def run_task(task: str, upstream: str, ckpt: str | None, data_dir: Path, profile
         "runs": {name: asdict(r) for name, r in runs.items()},
         "fingerprint": key,
     }
-    result_path.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_json(result_path, result)
     return result
 
 
@@ -320,8 +287,8 @@ def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os
 
 
 def write_results(results: dict, out_dir: Path) -> None:
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out_dir / "results.md").write_text(results_markdown(results))
+    atomic_write_json(out_dir / "results.json", results)
+    atomic_write_text(out_dir / "results.md", results_markdown(results))
 
 
 def results_markdown(results: dict) -> str:

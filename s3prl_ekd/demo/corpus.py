@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from s3prl_ekd.errors import UserError
+from s3prl_ekd.io.audio import SAMPLE_RATE
+from s3prl_ekd.io.files import atomic_write_json, atomic_write_text
 
-SAMPLE_RATE = 16000
 MANIFEST_NAME = "manifest.jsonl"
 CORPUS_INFO_NAME = "corpus.json"  # parameters of a finished corpus; its presence marks a folder as ours
 GENERATOR_VERSION = 1  # bump when synthesis changes in a way corpus.json does not record
@@ -267,11 +268,8 @@ def synthesize_corpus(out: str | os.PathLike, utterances: int, speakers: int, se
     with ThreadPoolExecutor(max_workers=workers) as pool:
         rows = list(tqdm(pool.map(one, plan), total=len(plan), desc="espeak-ng",
                          disable=not progress, unit="utt"))
-    manifest = out / MANIFEST_NAME
-    tmp = manifest.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(manifest)
-    (out / CORPUS_INFO_NAME).write_text(json.dumps(info, indent=1) + "\n")
+    manifest = atomic_write_text(out / MANIFEST_NAME, "".join(json.dumps(row) + "\n" for row in rows))
+    atomic_write_json(out / CORPUS_INFO_NAME, info)
     return manifest
 
 

@@ -45,11 +45,22 @@ def load_audio(path: str | Path, *, resample: bool = False, downmix: bool = Fals
     except Exception as error:
         raise AudioError(f"{path}: cannot decode audio ({error}); the file may be truncated") from error
     wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
+    check_samples(wav, path)
     if rate != SAMPLE_RATE:
         import librosa  # only needed when resampling is asked for
 
         wav = librosa.resample(wav, orig_sr=rate, target_sr=SAMPLE_RATE)
     return torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
+
+
+def check_samples(wav: np.ndarray, path: str | Path) -> None:
+    """AudioError if `wav` holds NaN/Inf or only zeros: either would teach the student nothing
+    (NaN losses are skipped by s3prl's runner without a word, silence gives degenerate targets)."""
+    if not np.isfinite(wav).all():
+        raise AudioError(f"{path}: holds NaN or infinite samples; re-export it from its source or "
+                         "remove it from the data")
+    if not np.any(wav):
+        raise AudioError(f"{path}: is silent (every sample is 0); remove it from the data")
 
 
 def list_audio_files(directory: str | Path) -> list[Path]:

@@ -22,10 +22,12 @@ from typing import Callable
 
 import torch
 
-from s3prl_ekd.config import AGGREGATIONS
+from s3prl_ekd.core.config import AGGREGATIONS
+from s3prl_ekd.core.student import distilhubert_base, ekd_student_tiny
 from s3prl_ekd.errors import UserError
+from s3prl_ekd.io.audio import SAMPLE_RATE
+from s3prl_ekd.io.resources import pretrain_config
 
-SAMPLE_RATE = 16000
 # The three teachers of the paper (HuBERT Base, RobustHuBERT, WavLM Base+) as random-weight
 # models of the same architectures: (label, zoo kind, s3prl hub entry, seed). K uses the first K.
 TEACHERS = (("hubert", "hubert", "hubert_local", 0),
@@ -35,18 +37,9 @@ TEACHERS = (("hubert", "hubert", "hubert_local", 0),
 TEACHER_LAYERS = {"base": [4, 8, 12], "tiny": [1, 2, 3]}
 # Student of each size: DistilHuBERT (2 layers x 768, CNN + layers copied from the first teacher),
 # or the tiny student of pretrain_configs/tiny_cpu.yaml.
-STUDENTS = {
-    "base": {"encoder_layers": 2, "encoder_embed_dim": 768, "init_from_teacher": True},
-    "tiny": {"encoder_layers": 2, "encoder_embed_dim": 64, "encoder_ffn_embed_dim": 128,
-             "encoder_attention_heads": 4,
-             "conv_feature_layers": "[(64,10,5)] + [(64,3,2)] * 4 + [(64,2,2)] * 2",
-             "conv_pos": 16, "conv_pos_groups": 4, "init_from_teacher": False},
-}
-# The runner settings of pretrain_configs/runner.yaml (DistilHuBERT's recipe).
-OPTIMIZER = {"name": "AdamW_with_schedule", "lr": 2.0e-4, "warmup_proportion": 0.07,
-             "betas": [0.9, 0.98], "eps": 1.0e-6, "weight_decay": 0}
-TOTAL_STEPS = 200000
-GRADIENT_CLIPPING = 10.0
+STUDENTS = {"base": distilhubert_base, "tiny": ekd_student_tiny}
+# The runner config whose optimizer, total steps and clipping the timed step uses (DistilHuBERT's recipe).
+RUNNER_CONFIG = "runner.yaml"
 LOG_STEP = 50  # steps are numbered so that none logs (as 49 of 50 runner steps)
 
 
@@ -145,14 +138,23 @@ def timed_batch(setting: BenchSetting, device: torch.device, seed: int = 0) -> t
     return wave.to(device), lengths.to(device)
 
 
-class TrainStep:
-    """The s3prl pretrain runner's step, on an expert: forward, backward, clip, optimizer step."""
+def runner_config(name: str = RUNNER_CONFIG) -> dict:
+    import yaml
 
-    def __init__(self, expert, setting: BenchSetting):
+    return yaml.safe_load(pretrain_config(name).read_text())
+
+
+class TrainStep:
+    """The s3prl pretrain runner's step, on an expert: forward, backward, clip, optimizer step,
+    with the optimizer s3prl builds from the runner config's `optimizer` section."""
+
+    def __init__(self, expert, setting: BenchSetting, config: dict | None = None):
         from s3prl.optimizers import get_optimizer
 
+        config = config or runner_config()
         self.expert = expert
-        self.optimizer = get_optimizer([expert.model], TOTAL_STEPS, OPTIMIZER)
+        self.clipping = config["runner"]["gradient_clipping"]
+        self.optimizer = get_optimizer([expert.model], config["runner"]["total_steps"], config["optimizer"])
         self.amp = setting.amp and setting.device == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         self.global_step = 1
@@ -171,7 +173,7 @@ class TrainStep:
         value = loss.item()
         if self.amp:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.expert.model.parameters(), GRADIENT_CLIPPING)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.expert.model.parameters(), self.clipping)
         if self.amp:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -185,15 +187,9 @@ class TrainStep:
 def student_step(expert, wave: torch.Tensor, lengths: torch.Tensor, targets: list[torch.Tensor],
                  amp: bool) -> None:
     """Student forward + heads + loss against fixed targets + backward (the caller drops the gradients)."""
-    from s3prl_ekd.loss import distill_loss, total_loss
-    from s3prl_ekd.pretrain_expert import align
-
     with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
         out = expert.model(wave, lengths)
-        terms = [distill_loss(*align(pred, target, out.frame_lengths))
-                 for pred, target in zip(out.predictions, targets)]
-        loss = total_loss(terms, expert.head_weights, expert.config.loss.l1_weight,
-                          expert.config.loss.cosine_weight)
+        loss, _ = expert.objective(out.predictions, out.frame_lengths, targets)
     loss.backward()
 
 
@@ -234,12 +230,12 @@ def model_config(setting: BenchSetting, teacher_paths: dict[str, Path], k: int, 
     teachers = [{"name": hub, "ckpt": str(teacher_paths[label]), "layers": list(layers)}
                 for label, _, hub, _ in TEACHERS[:k]]
     teacher_dtype = setting.teacher_dtype if setting.device == "cuda" else "float32"
-    return {"teachers": teachers, "aggregation": mode, "student": dict(STUDENTS[setting.size]),
-            "teacher_dtype": teacher_dtype}
+    student = STUDENTS[setting.size](init_from_teacher=setting.size == "base")
+    return {"teachers": teachers, "aggregation": mode, "student": asdict(student), "teacher_dtype": teacher_dtype}
 
 
 def build_expert(setting: BenchSetting, teacher_paths: dict[str, Path], k: int, mode: str, audio_dir: Path):
-    from s3prl_ekd.pretrain_expert import UpstreamPretrainExpert
+    from s3prl_ekd.plugin.pretrain_expert import UpstreamPretrainExpert
 
     datarc = {"train_batch_size": setting.batch_size,
               "sequence_length": int(round(setting.seconds * SAMPLE_RATE)),
@@ -257,15 +253,12 @@ def measure_run(expert, setting: BenchSetting, wave: torch.Tensor, lengths: torc
     Also: the median of the per-repetition ratios (parts timed back to back share the
     machine's load) and the ratio of CPU-time medians (blind to other processes' load).
     """
-    from s3prl_ekd import aggregation
-
     device = torch.device(setting.device)
     step = TrainStep(expert, setting)
     wavs = [w[:n] for w, n in zip(wave, lengths.tolist())]
     memory.reset()
     # Targets for the student-alone timing, built once and outside inference mode like the step's.
-    targets = aggregation.build_targets(expert.config.aggregation, expert.teachers(wavs),
-                                        [t.weight for t in expert.config.teachers])
+    targets = expert.objective.targets(expert.teachers(wavs))
     targets = [t.clone() for t in targets]
     amp = step.amp
     parts = {
@@ -367,7 +360,7 @@ def inference_speedup(expert, setting: BenchSetting) -> dict:
 
 def make_teachers(setting: BenchSetting, folder: Path) -> dict[str, Path]:
     """Random-weight teachers (reused if already in `folder`) for the largest K."""
-    from s3prl_ekd.teacher_zoo import make_random_teacher
+    from s3prl_ekd.plugin.teacher_formats import make_random_teacher
 
     paths = {}
     for label, kind, _, seed in TEACHERS[:max(setting.ks)]:
@@ -379,14 +372,17 @@ def make_teachers(setting: BenchSetting, folder: Path) -> dict[str, Path]:
 
 
 def make_audio(setting: BenchSetting, folder: Path) -> Path:
-    """espeak-ng speech for the loader run: enough utterances for every step's batch."""
-    from s3prl_ekd.corpus import STYLES, synthesize_corpus
+    """Noise files at speech level for the loader run (its cost does not depend on content):
+    enough 16 kHz wavs of 2-6 s for every step's batch."""
+    import soundfile as sf
 
-    speakers = len(STYLES)
-    # The corpus holds out dev and test sets of at least one utterance per speaker and style each.
-    utterances = max(setting.batch_size * (setting.loader_steps + 2), 3 * speakers)
-    synthesize_corpus(folder, utterances=utterances, speakers=speakers, progress=False)
-    return folder / "wav"
+    generator = torch.Generator().manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(setting.batch_size * (setting.loader_steps + 2)):
+        samples = int(SAMPLE_RATE * (2 + 4 * torch.rand((), generator=generator).item()))
+        sf.write(str(folder / f"noise{i:04d}.wav"), (0.1 * torch.randn(samples, generator=generator)).numpy(),
+                 SAMPLE_RATE, subtype="PCM_16")
+    return folder
 
 
 def _check(setting: BenchSetting) -> None:

@@ -1,7 +1,7 @@
 """The phoneme-recognition corpus loader that s3prl's `ctc` expert imports but the wheel lacks.
 
 s3prl's `downstream/ctc/data.py` does `from .corpus.libriphone import LibriPhoneDataset` for
-`corpus.name: libriphone`; `s3prl_ekd._hubhook` makes that import resolve to this module.
+`corpus.name: libriphone`; `s3prl_ekd.plugin.hub` makes that import resolve to this module.
 It reads a LibriSpeech-style tree ({path}/{set}/**/*.flac beside {spk}-{chap}.trans.txt) and
 builds phone targets either from the words and a lexicon (`transcripts: words`, s3prl's
 behaviour: first pronunciation wins) or from exact per-utterance phone transcripts

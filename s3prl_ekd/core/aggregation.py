@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from s3prl_ekd.core.config import check_averageable
 from s3prl_ekd.errors import ConfigError
 
 
@@ -20,10 +21,7 @@ def layerwise_average(teacher_hiddens: Sequence[torch.Tensor],
     [K] (B, L, T, D) -> (B, L, T, D); weights (K,) are normalised to sum to 1
     (default: equal weights).
     """
-    dims = [h.shape[-1] for h in teacher_hiddens]
-    if len(set(dims)) != 1:
-        raise ConfigError(f"aggregation: layerwise_average needs one hidden dimension, got {dims}; "
-                          "use layerwise_concat or multi_head")
+    check_averageable({f"teacher {k}": h.shape[-1] for k, h in enumerate(teacher_hiddens)}, "aggregation")
     weights = [1.0] * len(teacher_hiddens) if weights is None else list(weights)
     total = float(sum(weights))
     out = teacher_hiddens[0] * (weights[0] / total)
@@ -59,9 +57,7 @@ def build_targets(aggregation: str, teacher_hiddens: Sequence[torch.Tensor],
 def head_dims(aggregation: str, teacher_dims: Sequence[int]) -> list[int]:
     """Output dimension of each prediction-head set, matching `build_targets`."""
     if aggregation == "layerwise_average":
-        if len(set(teacher_dims)) != 1:
-            raise ConfigError(f"aggregation: layerwise_average needs one hidden dimension, got "
-                              f"{list(teacher_dims)}; use layerwise_concat or multi_head")
+        check_averageable({f"teacher {k}": d for k, d in enumerate(teacher_dims)}, "aggregation")
         return [teacher_dims[0]]
     if aggregation == "layerwise_concat":
         return [sum(teacher_dims)]

@@ -1,0 +1,1 @@
+"""The paper's experiment in miniature: synthetic corpus, label-free teacher training, the pipeline."""

@@ -1,0 +1,1 @@
+"""Reading and writing: audio, strict configs, atomic files, checkpoints, package data, logs."""

@@ -1,0 +1,1 @@
+"""SUPERB downstream recipes: manifests, corpus layouts (synthetic and real), the superb runner and scores."""
