@@ -12,7 +12,8 @@ from s3prl_ekd.stack import require_stack
 
 __version__ = "0.2.0"
 
-require_stack()  # one line naming the stack to install, instead of an error deep inside s3prl
+# An ImportError whose message names the stack to install, instead of an error deep inside s3prl.
+require_stack()
 
 
 def load_student(path):

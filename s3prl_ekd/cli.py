@@ -58,6 +58,19 @@ def _register_plugin_commands(subparsers) -> None:
 
     p.set_defaults(func=_register)
 
+    p = subparsers.add_parser("configs", help="list the shipped pretraining configs (-g / -c), or print one's path")
+    p.add_argument("name", nargs="?", help="e.g. tiny_cpu_runner.yaml: print its path")
+
+    def _configs(args):
+        from s3prl_ekd.io.resources import pretrain_config, pretrain_config_names
+
+        names = [args.name] if args.name else pretrain_config_names()
+        for name in names:
+            print(pretrain_config(name) if args.name else f"{name}\t{pretrain_config(name)}")
+        return 0
+
+    p.set_defaults(func=_configs)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -80,12 +93,9 @@ def user_message(error: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from s3prl_ekd.errors import UserError
+
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        from s3prl_ekd.errors import UserError
-    except ImportError as error:  # s3prl_ekd/__init__ names the stack to install
-        print(f"s3prl-ekd: error: {error}", file=sys.stderr)
-        return 2
     command = argv[0] if argv else None
     try:
         if command in PASSTHROUGH:

@@ -23,7 +23,11 @@ def _path(package: str, *parts: str) -> Path:
 
 def pretrain_config(name: str) -> Path:
     """A file of pretrain_configs/, e.g. pretrain_config('tiny_cpu_runner.yaml')."""
-    return _path("s3prl_ekd.pretrain_configs", name)
+    path = Path(str(resources.files("s3prl_ekd.pretrain_configs").joinpath(name)))
+    if not path.is_file():
+        names = ", ".join(sorted(p.name for p in path.parent.glob("*.yaml")))
+        raise ConfigError(f"{name}: not a shipped pretraining config; use one of {names}")
+    return path
 
 
 def recipe_file(*parts: str) -> Path:
@@ -32,4 +36,4 @@ def recipe_file(*parts: str) -> Path:
 
 
 def pretrain_config_names() -> list[str]:
-    return sorted(p.name for p in pretrain_config("runner.yaml").parent.glob("*.yaml"))
+    return sorted(p.name for p in Path(str(resources.files("s3prl_ekd.pretrain_configs"))).glob("*.yaml"))

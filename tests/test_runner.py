@@ -1,0 +1,123 @@
+"""plugin/runner.py: what it adds around s3prl's scripts, tested without a full training run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import model_config, write_yaml
+
+from s3prl_ekd.errors import CheckpointError, UserError
+from s3prl_ekd.io.resources import pretrain_config
+from s3prl_ekd.plugin import runner
+
+RUNNER = pretrain_config("tiny_cpu_runner.yaml")
+
+
+def pretrain(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "s3prl_ekd.cli", "pretrain", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("config.runner.save_step=20", "runner.save_step: 20 is not below total_steps=20 (s3prl's runner requires "
+                                   "total_steps > save_step); lower save_step or raise total_steps"),
+    ("config.runner.total_steps=0", "runner.total_steps: 0; use a positive integer"),
+    ("config.runner.log_step=-1", "runner.log_step: -1; use a positive integer"),
+    ("config.pretrain_expert.datarc.train_batch_size=0", "pretrain_expert.datarc.train_batch_size: must be >= 1"),
+    ("config.pretrain_expert.datarc.audio_dir=missing_folder", "audio_dir: "),
+    ("config.pretrain_expert.datarc.sequnce_length=4", "datarc.sequnce_length: unknown key; did you mean 'sequence_length'"),
+])
+def test_runner_config_mistakes_are_one_line_before_s3prl_starts(tmp_path, speech_dir, override, message):
+    cfg = write_yaml(tmp_path / "m.yaml", model_config([{"name": "hubert_local", "ckpt": "/nowhere.pt"}],
+                                                       "layerwise_average"))
+    proc = pretrain(tmp_path, "-u", "ekd_distiller", "-g", str(cfg), "-c", str(RUNNER), "-n", "x", "--device", "cpu",
+                    "-o", f"config.pretrain_expert.datarc.audio_dir={speech_dir},,{override}")
+    assert proc.returncode == 2
+    assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "result").exists()  # s3prl never started: no experiment folder
+
+
+def test_workspace_mirrors_s3prl_pretrain_folder():
+    s3prl_dir = runner.installed_s3prl_dir()
+    with runner.pretrain_workspace(s3prl_dir) as workspace:
+        mirror = workspace / "pretrain"
+        own = {p.name for p in (s3prl_dir / "pretrain").iterdir() if p.name != "__pycache__"}
+        assert {p.name for p in mirror.iterdir()} == own | {"ekd_distiller"}
+        assert all((mirror / name).is_symlink() for name in own)
+        task = mirror / "ekd_distiller"
+        assert "s3prl_ekd.plugin.pretrain_expert" in (task / "pretrain_expert.py").read_text()
+        assert (task / "config_runner.yaml").read_text() == pretrain_config("runner.yaml").read_text()
+    assert not workspace.exists()
+    assert not (s3prl_dir / "pretrain" / "ekd_distiller").exists()
+
+
+def fake_runner_module():
+    """Stands in for s3prl's pretrain/runner.py module: the globals the proxies replace."""
+    import os
+
+    return types.SimpleNamespace(torch=torch, os=os)
+
+
+def test_checkpoints_are_atomic_and_old_ones_go_after_the_new_one(tmp_path):
+    module = fake_runner_module()
+    runner.make_checkpoints_atomic(module)
+    old = tmp_path / "states-1.ckpt"
+    module.torch.save({"Step": 1}, old)
+    module.os.remove(str(old))              # s3prl removes before saving the next one ...
+    assert old.is_file()                    # ... the removal waits
+    assert module.os.path.join("a", "b") == "a/b" and module.torch.tensor(1).item() == 1  # the rest is untouched
+
+    class Exploding:
+        def __reduce__(self):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(UserError, match="states-2.ckpt: no space left on the device .* the previous"):
+        module.torch.save({"Step": 2, "x": Exploding()}, tmp_path / "states-2.ckpt")
+    assert old.is_file() and not (tmp_path / "states-2.ckpt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["states-1.ckpt"]  # no temporary left behind
+    module.os.remove(str(old))
+    module.torch.save({"Step": 3}, tmp_path / "states-3.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["states-3.ckpt"]
+    assert torch.load(tmp_path / "states-3.ckpt", weights_only=True) == {"Step": 3}
+
+
+def test_auto_resume_skips_unreadable_newest(tmp_path, ekd_checkpoints, capsys):
+    good = ekd_checkpoints["layerwise_average"]
+    (tmp_path / "states-10.ckpt").write_bytes(good.read_bytes())
+    (tmp_path / "states-20.ckpt").write_bytes(good.read_bytes()[:3000])  # cut short, as a crash leaves it
+    assert runner.newest_readable_checkpoint(tmp_path) == str(tmp_path / "states-10.ckpt")
+    warning = capsys.readouterr().err
+    assert warning.count("\n") == 1 and "skipping unreadable checkpoint states-20.ckpt" in warning
+    with pytest.raises(CheckpointError, match="-e .*states-20.ckpt: .*cannot read as a torch checkpoint"):
+        runner.checked_resume_path(str(tmp_path / "states-20.ckpt"))
+    (tmp_path / "states-10.ckpt").unlink()
+    with pytest.raises(CheckpointError, match="none of its 1 checkpoint"):
+        runner.newest_readable_checkpoint(tmp_path)
+
+
+def test_downstream_environment_reads_audio_with_or_without_torchcodec(tmp_path):
+    import torchaudio
+
+    wave = (0.1 * np.sin(np.arange(8000) / 7)).astype(np.float32)
+    sf.write(tmp_path / "a.flac", wave, 16000, subtype="PCM_16")
+    expected = sf.read(tmp_path / "a.flac", dtype="float32")[0]
+    loaded, rate = runner.soundfile_load(tmp_path / "a.flac")
+    assert rate == 16000 and loaded.shape == (1, 8000) and loaded.dtype == torch.float32
+    np.testing.assert_array_equal(loaded[0].numpy(), expected)
+    part, _ = runner.soundfile_load(tmp_path / "a.flac", frame_offset=100, num_frames=50)
+    np.testing.assert_array_equal(part[0].numpy(), expected[100:150])
+    before = torchaudio.load
+    with runner.downstream_environment():
+        through_torchaudio, rate = torchaudio.load(str(tmp_path / "a.flac"))  # what s3prl's datasets call
+        from s3prl.downstream.voxceleb1 import dataset
+
+        assert not dataset.CACHE_PATH.startswith(str(runner.installed_s3prl_dir()))
+    assert torchaudio.load is before
+    np.testing.assert_allclose(through_torchaudio[0].numpy(), expected, atol=1e-6)
