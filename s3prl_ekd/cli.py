@@ -13,6 +13,7 @@ import sys
 
 COMMAND_MODULES = [
     "s3prl_ekd.demo.corpus",  # corpus synth
+    "s3prl_ekd.plugin.targets",  # targets {build,merge}
     "s3prl_ekd.tools.export",  # export
     "s3prl_ekd.recipes.prepare",  # prepare {pr,asr,sid,er,all}
     "s3prl_ekd.recipes.superb",  # superb

@@ -93,8 +93,10 @@ def model_config(teachers: list[dict], aggregation: str, **student) -> dict:
 
 
 def run_pretrain_cli(workdir: Path, config: dict, name: str, steps: int, audio_dir: Path,
-                     extra: list[str] | None = None, save_step: int | None = None) -> Path:
-    """`s3prl-ekd pretrain` in a subprocess from `workdir`; returns the experiment folder."""
+                     extra: list[str] | None = None, save_step: int | None = None,
+                     overrides: list[str] = ()) -> Path:
+    """`s3prl-ekd pretrain` in a subprocess from `workdir`; returns the experiment folder.
+    `overrides` (s3prl's -o syntax) come after the defaults here, so they win."""
     import sys
 
     from s3prl_ekd.io.resources import pretrain_config
@@ -104,7 +106,7 @@ def run_pretrain_cli(workdir: Path, config: dict, name: str, steps: int, audio_d
     overrides = [f"config.pretrain_expert.datarc.audio_dir={audio_dir}",
                  f"config.runner.total_steps={steps}",
                  f"config.runner.save_step={save_step or max(1, steps - 1)}",
-                 "config.pretrain_expert.datarc.sequence_length=16000"]
+                 "config.pretrain_expert.datarc.sequence_length=16000", *overrides]
     cmd = [sys.executable, "-m", "s3prl_ekd.cli", "pretrain", "-u", "ekd_distiller", "-g", cfg.name,
            "-c", str(pretrain_config("tiny_cpu_runner.yaml")),
            "-n", name, "--device", "cpu", "-o", ",,".join(overrides), *(extra or [])]

@@ -8,11 +8,11 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import model_config, tiny_student
 
 from s3prl_ekd.core.frames import conv_frame_lengths
 from s3prl_ekd.core.student import EKDStudent, StudentConfig
 from s3prl_ekd.plugin.pretrain_expert import UpstreamPretrainExpert
-from conftest import model_config, tiny_student
 
 
 def test_student_matches_distiller_forward():

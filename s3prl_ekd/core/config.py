@@ -58,7 +58,12 @@ class EKDConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     # Teachers run under autocast in this dtype on CUDA (ignored on CPU); targets are cast back to float32.
+    # A half dtype is checked against float32 per teacher layer when the run starts (core/precision.py).
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    target_tolerance: float = 0.05  # largest accepted ||half - float32|| / ||float32|| of a target layer
+    # Positional convolutions (teachers and student) in float32 inside autocast: half-precision cuDNN
+    # runs this grouped k=128 convolution ~10x slower on H100 (shared/GPU_PROFILE.md).
+    fp32_pos_conv: bool = True
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

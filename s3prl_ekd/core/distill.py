@@ -114,8 +114,11 @@ class DistillObjective:
         return aggregation.build_targets(self.config.aggregation, teacher_hiddens, self.teacher_weights)
 
     def __call__(self, predictions: Sequence[torch.Tensor], frame_lengths: torch.Tensor,
-                 targets: Sequence[torch.Tensor]) -> Objective:
-        """predictions, targets: [head sets] (B, L, T, D_h); frame_lengths (B,) of the student."""
+                 targets: Sequence[torch.Tensor], target_frames: torch.Tensor | None = None) -> Objective:
+        """predictions, targets: [head sets] (B, L, T, D_h); frame_lengths (B,) of the student;
+        target_frames (B,): valid target frames where they can be fewer (a store's crops)."""
+        if target_frames is not None:
+            frame_lengths = torch.minimum(frame_lengths, target_frames)
         terms = [distill_loss(*align(pred, target, frame_lengths)) for pred, target in zip(predictions, targets)]
         loss = total_loss(terms, self.head_weights, self.config.loss.l1_weight, self.config.loss.cosine_weight)
         return Objective(loss, terms)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from s3prl_ekd.core.config import TeacherConfig, check_averageable, check_layer_counts, check_layers, default_layers
+from s3prl_ekd.core.precision import DEFAULT_TOLERANCE, check_targets, check_tolerance, keep_pos_conv_fp32, layer_errors
 from s3prl_ekd.errors import CheckpointError, ConfigError
 from s3prl_ekd.io.audio import SAMPLE_RATE
 
@@ -65,11 +66,14 @@ class TeacherEnsemble(nn.Module):
     fill in default layers, and check layer indices, frame rates and dimensions.
     """
 
-    def __init__(self, configs: Sequence[TeacherConfig], teacher_dtype: str = "float32"):
+    def __init__(self, configs: Sequence[TeacherConfig], teacher_dtype: str = "float32", fp32_pos_conv: bool = False):
         super().__init__()
         self.configs = list(configs)
         self.names = [f"{c.name}#{i}" for i, c in enumerate(self.configs)]
         self.upstreams = nn.ModuleList(freeze(load_upstream(c)) for c in self.configs)
+        if fp32_pos_conv:
+            for upstream in self.upstreams:
+                keep_pos_conv_fp32(upstream)
         self.teacher_dtype = teacher_dtype
         self.dims: list[int] = []
         self.depths: list[int] = []
@@ -102,22 +106,47 @@ class TeacherEnsemble(nn.Module):
         if aggregation == "layerwise_average":
             check_averageable(dict(zip(self.names, self.dims)), "aggregation")
 
-    def _autocast(self, device: torch.device):
+    def _autocast(self, device: torch.device, dtype: str):
+        if dtype in AUTOCAST_DTYPES and (device.type == "cuda" or dtype == "bfloat16"):
+            return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[dtype])
         if device.type != "cuda":
             return contextlib.nullcontext()
-        if self.teacher_dtype in AUTOCAST_DTYPES:
-            return torch.autocast("cuda", dtype=AUTOCAST_DTYPES[self.teacher_dtype])
         # float32 means float32 even inside the runner's fp16 autocast (large-norm teachers
         # can overflow in fp16, s3prl issue 378)
         return torch.autocast("cuda", enabled=False)
 
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the teachers run in: teacher_dtype on CUDA; float32 on CPU."""
+        device = next(self.parameters()).device
+        return self.teacher_dtype if device.type == "cuda" else "float32"
+
     @torch.inference_mode()
-    def forward(self, wavs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """wavs: B unpadded (samples,) tensors -> [K] (B, L, T, D_k) float32, frames aligned."""
+    def check_precision(self, wavs: list[torch.Tensor], tolerance: float = DEFAULT_TOLERANCE,
+                        dtype: str | None = None) -> list[list[float]]:
+        """Relative error of `dtype` (default: the compute dtype) targets against float32, per teacher
+        and layer, on `wavs`; a ConfigError (one line) on overflow or an error above `tolerance`."""
+        dtype = dtype or self.compute_dtype
+        reference = self(wavs, dtype="float32")
+        approx = self(wavs, dtype=dtype, cast=False)
+        errors = []
+        for config, name, ref, half in zip(self.configs, self.names, reference, approx):
+            check_targets(name, config.layers, half.transpose(1, 2), dtype)
+            squared_error, squared_norm = layer_errors(ref.transpose(1, 2), half.float().transpose(1, 2))
+            relative = (squared_error / squared_norm.clamp(min=1e-30)).sqrt().tolist()
+            check_tolerance(name, config.layers, relative, dtype, tolerance)
+            errors.append(relative)
+        return errors
+
+    @torch.inference_mode()
+    def forward(self, wavs: list[torch.Tensor], dtype: str | None = None, cast: bool = True) -> list[torch.Tensor]:
+        """wavs: B unpadded (samples,) tensors -> [K] (B, L, T, D_k), frames aligned; float32 unless
+        `cast=False` (then as computed). `dtype` overrides teacher_dtype (CUDA; bfloat16 also on CPU)."""
         hiddens = []
-        with self._autocast(wavs[0].device):
+        with self._autocast(wavs[0].device, dtype or self.compute_dtype):
             for config, upstream in zip(self.configs, self.upstreams):
                 states = upstream(wavs)["hidden_states"]
-                hiddens.append(torch.stack([states[layer] for layer in config.layers], dim=1).float())
+                selected = torch.stack([states[layer] for layer in config.layers], dim=1)
+                hiddens.append(selected.float() if cast else selected)
                 del states  # the unselected layers are freed here
         return align_frames(hiddens, self.names)

@@ -1,14 +1,17 @@
-"""Benchmark of EKD pretraining: does one training step cost what its parts must
-(K frozen teacher forwards + one student forward/backward)? `s3prl-ekd bench`.
+"""Benchmark of EKD pretraining (`s3prl-ekd bench`): does a training step cost what its parts must?
 
-Everything is measured in one process, with random-weight teachers of the real
-architectures and the real pretrain expert, interleaved so ratios compare like with like.
+Live step: K frozen teachers forward + the student forward/backward. Cached step (`--targets DIR`,
+a teacher-target store): the student alone. Everything runs in one process with random-weight
+teachers of the real architectures, the real pretrain expert and the optimizer s3prl's runner
+builds from the runner config. Each timed step is cut into synchronised segments (teachers,
+student forward, targets + loss, backward, optimizer), so the overhead of a step over its parts
+is measured inside that very step and cannot come out below 1; repetitions are interleaved and
+reported as median and spread.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import platform
@@ -26,10 +29,11 @@ from s3prl_ekd.core.config import AGGREGATIONS
 from s3prl_ekd.core.student import distilhubert_base, ekd_student_tiny
 from s3prl_ekd.errors import UserError
 from s3prl_ekd.io.audio import SAMPLE_RATE
+from s3prl_ekd.io.files import atomic_write_json, atomic_write_text
 from s3prl_ekd.io.resources import pretrain_config
 
 # The three teachers of the paper (HuBERT Base, RobustHuBERT, WavLM Base+) as random-weight
-# models of the same architectures: (label, zoo kind, s3prl hub entry, seed). K uses the first K.
+# models of the same architectures: (label, checkpoint kind, s3prl hub entry, seed). K uses the first K.
 TEACHERS = (("hubert", "hubert", "hubert_local", 0),
             ("hubert_robust", "hubert", "hubert_local", 1),
             ("wavlm", "wavlm", "wavlm_local", 2))
@@ -41,6 +45,9 @@ STUDENTS = {"base": distilhubert_base, "tiny": ekd_student_tiny}
 # The runner config whose optimizer, total steps and clipping the timed step uses (DistilHuBERT's recipe).
 RUNNER_CONFIG = "runner.yaml"
 LOG_STEP = 50  # steps are numbered so that none logs (as 49 of 50 runner steps)
+# Dense bfloat16 peak of the GPUs this project is lent (tensor cores, no sparsity), FLOP/s.
+BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+SEGMENTS = ("teachers", "student_forward", "targets_loss", "backward", "optimizer")
 
 
 @dataclass
@@ -61,10 +68,12 @@ class BenchSetting:
     teacher_dtype: str = "float32"      # autocast dtype of the teachers (CUDA only)
     amp: bool = False                   # the runner's fp16 autocast + GradScaler (CUDA only)
     threads: int | None = None          # torch intra-op threads (None: torch's default)
+    runner_config: str = RUNNER_CONFIG  # a shipped runner config (its optimizer) or a path
+    targets: str | None = None          # target store folder for the cached step (built here if absent)
 
 
 def default_setting(size: str = "tiny", device: str = "cpu", **overrides) -> BenchSetting:
-    """Batch and repetitions fit for `size` on `device` (the issue's 4 x 4 s CPU, 24 x 15.6 s GPU)."""
+    """Batch and repetitions fit for `size` on `device` (4 x 4 s on CPU, the paper's 24 x 15.6 s on GPU)."""
     if size not in TEACHER_LAYERS:
         raise UserError(f"--size {size!r}: use one of {', '.join(TEACHER_LAYERS)}")
     if device not in ("cpu", "cuda"):
@@ -86,13 +95,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds) of fn()."""
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of fn(), synchronised."""
     _synchronize(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start = time.perf_counter()
     fn()
     _synchronize(device)
-    return time.perf_counter() - start, time.process_time() - cpu_start
+    return time.perf_counter() - start
 
 
 class PeakMemory:
@@ -127,7 +136,7 @@ class PeakMemory:
 
 
 def timed_batch(setting: BenchSetting, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The timed batch: (B, S) noise at speech level, the last utterance 3/4 long (padding, as in a bucket)."""
+    """The live step's batch: (B, S) noise at speech level, the last utterance 3/4 long (padding, as in a bucket)."""
     samples = int(round(setting.seconds * SAMPLE_RATE))
     generator = torch.Generator().manual_seed(seed)
     wave = 0.1 * torch.randn(setting.batch_size, samples, generator=generator)
@@ -141,17 +150,48 @@ def timed_batch(setting: BenchSetting, device: torch.device, seed: int = 0) -> t
 def runner_config(name: str = RUNNER_CONFIG) -> dict:
     import yaml
 
-    return yaml.safe_load(pretrain_config(name).read_text())
+    path = Path(name) if Path(name).is_file() else pretrain_config(name)
+    return yaml.safe_load(path.read_text())
+
+
+class Segments:
+    """Synchronised timestamps inside one training step, from hooks on the teachers and the student."""
+
+    def __init__(self, expert, device: torch.device):
+        self.device, self.marks, self.handles = device, {}, []
+        modules = {"student": expert.model}
+        if expert.teachers is not None:
+            modules["teachers"] = expert.teachers
+        for name, module in modules.items():
+            self.handles.append(module.register_forward_pre_hook(lambda *_, n=name: self.mark(f"{n}_start")))
+            self.handles.append(module.register_forward_hook(lambda *_, n=name: self.mark(f"{n}_end")))
+
+    def mark(self, name: str) -> None:
+        _synchronize(self.device)
+        self.marks[name] = time.perf_counter()
+
+    def seconds(self) -> dict[str, float]:
+        m = self.marks
+        teachers = m["teachers_end"] - m["teachers_start"] if "teachers_start" in m else 0.0
+        student = m["student_end"] - m["student_start"]
+        return {"teachers": teachers, "student_forward": student,
+                "targets_loss": m["forward_end"] - m["step_start"] - teachers - student,
+                "backward": m["backward_end"] - m["forward_end"], "optimizer": m["step_end"] - m["backward_end"]}
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 class TrainStep:
-    """The s3prl pretrain runner's step, on an expert: forward, backward, clip, optimizer step,
-    with the optimizer s3prl builds from the runner config's `optimizer` section."""
+    """The s3prl pretrain runner's step on an expert (forward, backward, unscale, clip, optimizer step,
+    zero_grad), with the optimizer s3prl builds from the runner config. tests/test_bench.py checks
+    that it updates the student exactly as s3prl's own Runner.train does."""
 
     def __init__(self, expert, setting: BenchSetting, config: dict | None = None):
         from s3prl.optimizers import get_optimizer
 
-        config = config or runner_config()
+        config = config or runner_config(setting.runner_config)
         self.expert = expert
         self.clipping = config["runner"]["gradient_clipping"]
         self.optimizer = get_optimizer([expert.model], config["runner"]["total_steps"], config["optimizer"])
@@ -159,17 +199,18 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         self.global_step = 1
 
-    def autocast(self):
-        return torch.autocast("cuda", dtype=torch.float16, enabled=self.amp)
-
-    def __call__(self, data) -> float:
-        with self.autocast():
+    def __call__(self, data, segments: Segments | None = None) -> float:
+        mark = segments.mark if segments else (lambda _: None)
+        mark("step_start")
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
             loss, _ = self.expert(data, records=None, global_step=self.global_step, log_step=LOG_STEP)
+        mark("forward_end")
         self.global_step += 1 if (self.global_step + 1) % LOG_STEP else 2
         if self.amp:
             self.scaler.scale(loss).backward()
         else:
             loss.backward()
+        mark("backward_end")
         value = loss.item()
         if self.amp:
             self.scaler.unscale_(self.optimizer)
@@ -181,15 +222,16 @@ class TrainStep:
             self.optimizer.step()
         self.expert.on_before_zero_grad()
         self.optimizer.zero_grad()
+        mark("step_end")
         return value
 
 
-def student_step(expert, wave: torch.Tensor, lengths: torch.Tensor, targets: list[torch.Tensor],
-                 amp: bool) -> None:
-    """Student forward + heads + loss against fixed targets + backward (the caller drops the gradients)."""
+def student_step(expert, data, amp: bool) -> None:
+    """Student forward + loss against the batch's targets + backward: what a cached step cannot avoid."""
+    wave, lengths, targets, frames = data
     with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
         out = expert.model(wave, lengths)
-        loss, _ = expert.objective(out.predictions, out.frame_lengths, targets)
+        loss, _ = expert.objective(out.predictions, out.frame_lengths, expert.objective.targets(targets), frames)
     loss.backward()
 
 
@@ -223,6 +265,85 @@ def teacher_checks(expert, step: TrainStep, data) -> dict:
     }
 
 
+def step_flops(step: TrainStep, data) -> float:
+    """FLOPs of one step (forward and backward; the optimizer's elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(data)
+    return float(counter.get_total_flops())
+
+
+def _spread(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def measure(expert, setting: BenchSetting, data, alone: dict[str, Callable[[], object]], memory: PeakMemory) -> dict:
+    """Interleaved repetitions of the instrumented step and of the parts timed alone; medians and spread."""
+    device = torch.device(setting.device)
+    step = TrainStep(expert, setting)
+    memory.reset()
+    parts = {"t_step": lambda: None, **alone}
+    times = {name: [] for name in parts}
+    segments_per_rep = []
+    names = list(parts)
+    for rep in range(setting.warmup + setting.reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]  # no part always follows the same one
+        for name in order:
+            if name == "t_step":
+                segments = Segments(expert, device)
+                try:
+                    seconds = _timed(lambda: step(data, segments), device)
+                finally:
+                    segments.remove()
+                if rep >= setting.warmup:
+                    segments_per_rep.append(segments.seconds())
+            else:
+                seconds = _timed(parts[name], device)
+            _drop_grads(expert.model)
+            if rep >= setting.warmup:
+                times[name].append(seconds)
+    result = {name: statistics.median(values) for name, values in times.items()}
+    inner = {name: statistics.median(s[name] for s in segments_per_rep) for name in SEGMENTS}
+    ratios = [sum(s.values()) / (s["teachers"] + s["student_forward"] + s["backward"]) for s in segments_per_rep]
+    result.update({"segments": inner, "overhead_ratio": statistics.median(ratios), "overhead_ratio_spread": _spread(ratios),
+                   "peak_mem_bytes": memory.peak_bytes(),
+                   "samples": {name: [round(v, 6) for v in values] for name, values in times.items()}})
+    wave = data[0]
+    result["audio_seconds_per_second"] = wave.shape[0] * wave.shape[1] / SAMPLE_RATE / result["t_step"]
+    result["flops_per_step"] = step_flops(step, data)
+    _drop_grads(expert.model)
+    result["tflops_per_second"] = result["flops_per_step"] / result["t_step"] / 1e12
+    peak = next((v for k, v in BF16_PEAK.items() if k in device_name(device)), None)
+    result["fraction_of_bf16_peak"] = result["flops_per_step"] / result["t_step"] / peak if peak else None
+    return result
+
+
+def measure_live(expert, setting: BenchSetting, wave: torch.Tensor, lengths: torch.Tensor, memory: PeakMemory) -> dict:
+    wavs = [w[:n] for w, n in zip(wave, lengths.tolist())]
+    # Targets for the student-alone timing, built once and outside inference mode like the step's.
+    targets = [t.clone() for t in expert.teachers(wavs)]
+    frames = torch.full_like(lengths, 10**9)
+    amp = setting.amp and setting.device == "cuda"
+    result = measure(expert, setting, (wave, lengths), {
+        "t_teachers": lambda: expert.teachers(wavs),
+        "t_student": lambda: student_step(expert, (wave, lengths, targets, frames), amp)}, memory)
+    result["separate_timing_ratio"] = result["t_step"] / (result["t_teachers"] + result["t_student"])
+    result["checks"] = teacher_checks(expert, TrainStep(expert, setting), (wave, lengths))
+    return result
+
+
+def measure_cached(expert, setting: BenchSetting, memory: PeakMemory) -> dict:
+    device = torch.device(setting.device)
+    data = next(iter(expert.get_train_dataloader()))
+    data = (data[0].to(device), data[1].to(device), [t.to(device) for t in data[2]], data[3].to(device))
+    amp = setting.amp and setting.device == "cuda"
+    result = measure(expert, setting, data, {"t_student": lambda: student_step(expert, data, amp)}, memory)
+    result["cached_step_over_student"] = result["t_step"] / result["t_student"]
+    result["teachers_loaded"] = expert.teachers is not None
+    return result
+
+
 # -- one (mode, K) run ---------------------------------------------------------------------------
 
 def model_config(setting: BenchSetting, teacher_paths: dict[str, Path], k: int, mode: str) -> dict:
@@ -234,62 +355,18 @@ def model_config(setting: BenchSetting, teacher_paths: dict[str, Path], k: int, 
     return {"teachers": teachers, "aggregation": mode, "student": asdict(student), "teacher_dtype": teacher_dtype}
 
 
-def build_expert(setting: BenchSetting, teacher_paths: dict[str, Path], k: int, mode: str, audio_dir: Path):
+def build_expert(setting: BenchSetting, teacher_paths: dict[str, Path], k: int, mode: str, audio_dir: Path,
+                 targets: Path | None = None):
     from s3prl_ekd.plugin.pretrain_expert import UpstreamPretrainExpert
 
-    datarc = {"train_batch_size": setting.batch_size,
-              "sequence_length": int(round(setting.seconds * SAMPLE_RATE)),
+    datarc = {"train_batch_size": setting.batch_size, "sequence_length": int(round(setting.seconds * SAMPLE_RATE)),
               "num_workers": setting.loader_workers, "audio_dir": str(audio_dir)}
+    if targets is not None:
+        datarc.update(targets=str(targets), num_workers=0)
     expert = UpstreamPretrainExpert(datarc, model_config(setting, teacher_paths, k, mode), setting.device)
     expert.to(setting.device)
     expert.train()  # as s3prl's runner: student in train mode, teachers stay in eval
     return expert
-
-
-def measure_run(expert, setting: BenchSetting, wave: torch.Tensor, lengths: torch.Tensor,
-                memory: PeakMemory) -> dict:
-    """Interleaved repetitions of t_teachers, t_student, t_step on one expert; medians.
-
-    Also: the median of the per-repetition ratios (parts timed back to back share the
-    machine's load) and the ratio of CPU-time medians (blind to other processes' load).
-    """
-    device = torch.device(setting.device)
-    step = TrainStep(expert, setting)
-    wavs = [w[:n] for w, n in zip(wave, lengths.tolist())]
-    memory.reset()
-    # Targets for the student-alone timing, built once and outside inference mode like the step's.
-    targets = expert.objective.targets(expert.teachers(wavs))
-    targets = [t.clone() for t in targets]
-    amp = step.amp
-    parts = {
-        "t_teachers": lambda: expert.teachers(wavs),
-        "t_student": lambda: student_step(expert, wave, lengths, targets, amp),
-        "t_step": lambda: step((wave, lengths)),
-    }
-    times = {name: [] for name in parts}
-    cpu_times = {name: [] for name in parts}
-    names = list(parts)
-    for rep in range(setting.warmup + setting.reps):
-        order = names[rep % 3:] + names[:rep % 3]  # rotate so no part always follows the same one
-        for name in order:
-            seconds, cpu_seconds = _timed(parts[name], device)
-            _drop_grads(expert.model)
-            if rep >= setting.warmup:
-                times[name].append(seconds)
-                cpu_times[name].append(cpu_seconds)
-    result = {name: statistics.median(values) for name, values in times.items()}
-    result["overhead_ratio"] = result["t_step"] / (result["t_teachers"] + result["t_student"])
-    result["peak_mem_bytes"] = memory.peak_bytes()
-    result["overhead_ratio_per_rep_median"] = statistics.median(
-        step / (teachers + student)
-        for teachers, student, step in zip(times["t_teachers"], times["t_student"], times["t_step"]))
-    cpu = {name: statistics.median(values) for name, values in cpu_times.items()}
-    result["cpu_times"] = cpu
-    result["overhead_ratio_cpu"] = cpu["t_step"] / (cpu["t_teachers"] + cpu["t_student"])
-    result["samples"] = {name: [round(v, 6) for v in values] for name, values in times.items()}
-    result["checks"] = teacher_checks(expert, step, (wave, lengths))
-    result["student_train_params"] = _count(expert.student)
-    return result
 
 
 # -- whole-program measurements ------------------------------------------------------------------
@@ -341,12 +418,11 @@ def inference_speedup(expert, setting: BenchSetting) -> dict:
     student.eval()
     lengths = torch.tensor([samples], device=device)
     try:
-        parts = {"student": lambda: student(wav[None], lengths, predict=False),
-                 "hubert": lambda: hubert([wav])}
+        parts = {"student": lambda: student(wav[None], lengths, predict=False), "hubert": lambda: hubert([wav])}
         times = {name: [] for name in parts}
         for rep in range(setting.warmup + setting.reps):
             for name, fn in parts.items():
-                seconds, _ = _timed(fn, device)
+                seconds = _timed(fn, device)
                 if rep >= setting.warmup:
                     times[name].append(seconds)
     finally:
@@ -372,17 +448,35 @@ def make_teachers(setting: BenchSetting, folder: Path) -> dict[str, Path]:
 
 
 def make_audio(setting: BenchSetting, folder: Path) -> Path:
-    """Noise files at speech level for the loader run (its cost does not depend on content):
-    enough 16 kHz wavs of 2-6 s for every step's batch."""
+    """Noise files at speech level for the loader and cached runs (their cost does not depend on the
+    content): 16 kHz wavs 0.5-2.5 s longer than the crop, enough for every step's batch."""
     import soundfile as sf
 
     generator = torch.Generator().manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(setting.batch_size * (setting.loader_steps + 2)):
-        samples = int(SAMPLE_RATE * (2 + 4 * torch.rand((), generator=generator).item()))
-        sf.write(str(folder / f"noise{i:04d}.wav"), (0.1 * torch.randn(samples, generator=generator)).numpy(),
-                 SAMPLE_RATE, subtype="PCM_16")
+        path = folder / f"noise{i:04d}.wav"
+        if path.is_file():
+            continue
+        samples = int(SAMPLE_RATE * (setting.seconds + 0.5 + 2 * torch.rand((), generator=generator).item()))
+        sf.write(str(path), (0.1 * torch.randn(samples, generator=generator)).numpy(), SAMPLE_RATE, subtype="PCM_16")
     return folder
+
+
+def make_store(setting: BenchSetting, teacher_paths: dict[str, Path], audio: Path, folder: Path) -> Path:
+    """A bfloat16 target store of all K teachers over `audio` (reused when up to date)."""
+    import yaml
+
+    from s3prl_ekd.plugin.targets import build_store
+
+    config = folder.parent / f"{folder.name}.model.yaml"
+    config.write_text(yaml.safe_dump(model_config(setting, teacher_paths, max(setting.ks), "multi_head")))
+    build_store(config, str(audio), folder, dtype="bfloat16", device=setting.device, log=lambda _: None)
+    return folder
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
 
 
 def _check(setting: BenchSetting) -> None:
@@ -398,15 +492,14 @@ def _check(setting: BenchSetting) -> None:
         raise UserError(f"--threads {setting.threads}: use 1 or more")
     if setting.reps < 1 or setting.warmup < 0 or setting.batch_size < 2 or setting.loader_steps < 2:
         raise UserError("--reps >= 1, --warmup >= 0, --batch-size >= 2 and --loader-steps >= 2 are needed")
+    runner_config(setting.runner_config)  # exists and parses
 
 
 def run_benchmark(setting: BenchSetting, workdir: str | os.PathLike | None = None,
                   audio_dir: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> dict:
-    """Measure every (mode, K) of `setting`, the loader share and the inference speed-up.
-
-    Teachers (and generated audio, unless `audio_dir` is given) are written under `workdir`
-    (a temporary folder by default; a given one is reused across calls).
-    """
+    """Measure every (mode, K) of `setting` live (and cached, with `setting.targets`), the loader share
+    and the inference speed-up. Teachers, audio and the store go under `workdir` (a temporary folder
+    by default; a given one is reused across calls)."""
     _check(setting)
     threads = torch.get_num_threads()
     if setting.threads is not None:
@@ -423,7 +516,7 @@ def _run_benchmark(setting: BenchSetting, workdir, audio_dir, log) -> dict:
         work.mkdir(parents=True, exist_ok=True)
         log(f"[bench] building {setting.size} teachers in {work}")
         teacher_paths = make_teachers(setting, work / "teachers")
-        audio = Path(audio_dir) if audio_dir is not None else make_audio(setting, work / "speech")
+        audio = Path(audio_dir) if audio_dir is not None else make_audio(setting, work / "audio")
         device = torch.device(setting.device)
         memory = PeakMemory(device)
         wave, lengths = timed_batch(setting, device)
@@ -432,11 +525,21 @@ def _run_benchmark(setting: BenchSetting, workdir, audio_dir, log) -> dict:
         for k in sorted(setting.ks):
             for mode in setting.modes:
                 expert = build_expert(setting, teacher_paths, k, mode, audio)
-                measured = measure_run(expert, setting, wave, lengths, memory)
-                runs.append({"mode": mode, "k": k, **measured})
-                log(f"[bench] {mode} K={k}: teachers {measured['t_teachers']:.3f} s, student "
-                    f"{measured['t_student']:.3f} s, step {measured['t_step']:.3f} s, "
-                    f"ratio {measured['overhead_ratio']:.3f}")
+                measured = measure_live(expert, setting, wave, lengths, memory)
+                runs.append({"step": "live", "mode": mode, "k": k, **measured})
+                log(f"[bench] live {mode} K={k}: step {measured['t_step']:.3f} s (teachers "
+                    f"{measured['segments']['teachers']:.3f}, student fwd {measured['segments']['student_forward']:.3f}, "
+                    f"backward {measured['segments']['backward']:.3f}), overhead ratio {measured['overhead_ratio']:.3f}")
+                del expert
+                gc.collect()
+        if setting.targets is not None:
+            store = make_store(setting, teacher_paths, audio, Path(setting.targets))
+            for mode in setting.modes:
+                expert = build_expert(setting, teacher_paths, max(setting.ks), mode, audio, targets=store)
+                measured = measure_cached(expert, setting, memory)
+                runs.append({"step": "cached", "mode": mode, "k": max(setting.ks), **measured})
+                log(f"[bench] cached {mode} K={max(setting.ks)}: step {measured['t_step']:.3f} s, student alone "
+                    f"{measured['t_student']:.3f} s, ratio {measured['cached_step_over_student']:.3f}")
                 del expert
                 gc.collect()
         # The loader run and the inference comparison use the largest K of the first mode.
@@ -448,8 +551,7 @@ def _run_benchmark(setting: BenchSetting, workdir, audio_dir, log) -> dict:
             f"{inference['inference_speedup_vs_hubert_base']:.2f}x faster")
         result = {
             "device": setting.device,
-            "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                            else platform.processor() or platform.machine()),
+            "device_name": device_name(device),
             "size": setting.size,
             "setting": {**asdict(setting), "ks": list(setting.ks), "modes": list(setting.modes)},
             "cpu_count": os.cpu_count(),
@@ -459,8 +561,7 @@ def _run_benchmark(setting: BenchSetting, workdir, audio_dir, log) -> dict:
             "torch_version": torch.__version__,
             "peak_mem_kind": memory.kind,
             "student_params": _count(expert.student.backbone),
-            "teacher_params": {label: _count(u) for (label, *_), u in
-                               zip(TEACHERS, expert.teachers.upstreams)},
+            "teacher_params": {label: _count(u) for (label, *_), u in zip(TEACHERS, expert.teachers.upstreams)},
             **loader,
             **inference,
             "runs": runs,
@@ -474,24 +575,27 @@ def _run_benchmark(setting: BenchSetting, workdir, audio_dir, log) -> dict:
 def markdown_table(result: dict) -> str:
     """The runs as a markdown table, with the whole-program figures below it."""
     setting = result["setting"]
-    lines = ["| mode | K | t_teachers (s) | t_student (s) | t_step (s) | overhead ratio "
-             "| per-rep ratio | CPU-time ratio | peak mem (GiB) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| step | mode | K | t_step (s) | teachers | student fwd | targets+loss | backward | optimizer "
+             "| overhead (min-max) | student alone (s) | audio s/s | TFLOP/s | peak mem (GiB) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in result["runs"]:
-        lines.append(f"| {run['mode']} | {run['k']} | {run['t_teachers']:.3f} | {run['t_student']:.3f} | "
-                     f"{run['t_step']:.3f} | {run['overhead_ratio']:.3f} | "
-                     f"{run['overhead_ratio_per_rep_median']:.3f} | {run['overhead_ratio_cpu']:.3f} | "
-                     f"{run['peak_mem_bytes'] / 2**30:.2f} |")
+        s, spread = run["segments"], run["overhead_ratio_spread"]
+        lines.append(f"| {run['step']} | {run['mode']} | {run['k']} | {run['t_step']:.3f} | {s['teachers']:.3f} | "
+                     f"{s['student_forward']:.3f} | {s['targets_loss']:.3f} | {s['backward']:.3f} | "
+                     f"{s['optimizer']:.3f} | {run['overhead_ratio']:.3f} ({spread['min']:.3f}-{spread['max']:.3f}) | "
+                     f"{run['t_student']:.3f} | {run['audio_seconds_per_second']:.1f} | "
+                     f"{run['tflops_per_second']:.2f} | {run['peak_mem_bytes'] / 2**30:.2f} |")
+    cached = [r for r in result["runs"] if r["step"] == "cached"]
     params = ", ".join(f"{name} {count / 1e6:.2f}M" for name, count in result["teacher_params"].items())
     lines += [
         "",
         f"- device: {result['device']} ({result['device_name']}, {result['cpu_count']} CPUs, "
         f"{result['torch_threads']} torch threads), torch {result['torch_version']}; "
         f"load average before/after: {result['load_average_before'][0]:.2f} / {result['load_average_after'][0]:.2f}",
-        f"- size: {result['size']}; batch {setting['batch_size']} x {setting['seconds']:g} s; "
-        f"median of {setting['reps']} interleaved repetitions after {setting['warmup']} warm-up",
-        "- overhead ratio = t_step / (t_teachers + t_student) of the wall-time medians; per-rep ratio: median "
-        "of that ratio within each repetition; CPU-time ratio: the same from this process's CPU time",
+        f"- size: {result['size']}; batch {setting['batch_size']} x {setting['seconds']:g} s; optimizer of "
+        f"{setting['runner_config']}; median of {setting['reps']} interleaved repetitions after {setting['warmup']} warm-up",
+        "- segments are synchronised timestamps inside each timed step; overhead = t_step / (teachers + student "
+        "forward + backward) within the same step (>= 1 by construction), median and range over repetitions",
         f"- peak memory: {result['peak_mem_kind']}",
         f"- data loader share of wall time: {result['loader_share']:.3f} "
         f"({result['loader_steps']} steps, {result['loader_workers']} workers)",
@@ -499,16 +603,21 @@ def markdown_table(result: dict) -> str:
         f"- inference on {result['inference_seconds']:g} s: student {result['inference_t_student']:.3f} s, "
         f"HuBERT {result['inference_t_hubert']:.3f} s, speed-up {result['inference_speedup_vs_hubert_base']:.2f}x",
     ]
+    if cached:
+        lines.append("- cached step / student forward+backward alone: " + ", ".join(
+            f"{r['mode']} {r['cached_step_over_student']:.3f}" for r in cached))
+    fractions = [r["fraction_of_bf16_peak"] for r in result["runs"] if r["fraction_of_bf16_peak"] is not None]
+    if fractions:
+        lines.append("- fraction of the GPU's dense bf16 peak: " + ", ".join(
+            f"{r['step']} {r['mode']} K={r['k']} {100 * r['fraction_of_bf16_peak']:.1f}%" for r in result["runs"]))
     return "\n".join(lines) + "\n"
 
 
 def write_results(result: dict, json_path: str | os.PathLike, md_path: str | os.PathLike | None = None) -> Path:
     """Write the JSON and the markdown table (default: the JSON path with .md); return the .md path."""
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
-    md_path = Path(md_path) if md_path is not None else json_path.with_suffix(".md")
-    md_path.write_text(markdown_table(result))
+    atomic_write_json(json_path, result)
+    md_path = Path(md_path) if md_path is not None else Path(json_path).with_suffix(".md")
+    atomic_write_text(md_path, markdown_table(result))
     return md_path
 
 
@@ -520,20 +629,24 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="time EKD training steps against their teacher and student parts")
+    p = subparsers.add_parser("bench", help="time EKD training steps (live and cached) against their parts")
     p.add_argument("--json", required=True, help="output JSON (a markdown table is written beside it)")
     p.add_argument("--md", default=None, help="markdown output (default: the --json path with .md)")
     p.add_argument("--size", default="tiny", choices=sorted(TEACHER_LAYERS))
     p.add_argument("--k", default="1,2,3", help="numbers of teachers, comma-separated (1..3)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--modes", default=",".join(AGGREGATIONS), help="aggregation modes, comma-separated")
+    p.add_argument("--targets", default=None, help="target store folder: also time the cached step "
+                                                   "(built there for the benchmark's teachers if absent)")
+    p.add_argument("--runner-config", default=RUNNER_CONFIG, help="runner config whose optimizer the step uses, "
+                                                                  "e.g. runner_fused_adamw.yaml")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default by size/device)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seconds", type=float, default=None, help="utterance length of the timed batch")
     p.add_argument("--loader-steps", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--audio-dir", default=None, help="audio for the loader run (default: espeak-ng speech)")
+    p.add_argument("--audio-dir", default=None, help="audio for the loader and cached runs (default: noise files)")
     p.add_argument("--workdir", default=None, help="keep teachers and audio here and reuse them")
 
     def _bench(args) -> int:
@@ -541,7 +654,7 @@ def register_cli(subparsers) -> None:
                                                             "loader_steps", "threads") if getattr(args, name) is not None}
         setting = default_setting(args.size, args.device, ks=_int_list(args.k),
                                   modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
-                                  **overrides)
+                                  targets=args.targets, runner_config=args.runner_config, **overrides)
         result = run_benchmark(setting, workdir=args.workdir, audio_dir=args.audio_dir)
         md_path = write_results(result, args.json, args.md)
         print(markdown_table(result), end="")
