@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMAND_MODULES = [
@@ -106,9 +107,30 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except UserError as error:
+        close_progress_bars()
         print(f"s3prl-ekd {command}: error: {user_message(error)}", file=sys.stderr)
         return 2
 
 
+def close_progress_bars() -> None:
+    """Close s3prl's open tqdm bars now, so that they do not redraw below the error line at exit."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None:
+        for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+            bar.close()
+
+
+def entry() -> None:
+    """The console script: main(), then exit. After an error, exit without running atexit hooks:
+    s3prl's runner leaves writers (tensorboardX) and threads behind whose own tracebacks would
+    follow the one-line error (on a full disk, every flush fails again)."""
+    code = main()
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

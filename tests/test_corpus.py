@@ -116,6 +116,33 @@ def test_same_seed_same_bytes_and_rerun_is_a_no_op(small_corpus, tmp_path):
 
 def test_refuses_a_folder_that_is_not_a_corpus(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="not empty"):
+    with pytest.raises(UserError, match="holds files that `s3prl-ekd corpus synth` did not write; .* --force"):
         corpus.synthesize_corpus(tmp_path, 24, 4)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_another_corpus_is_not_overwritten_without_force(small_corpus, tmp_path):
+    import shutil
+
+    from s3prl_ekd import cli
+
+    target = tmp_path / "c"
+    shutil.copytree(small_corpus.parent, target)
+    before = (target / "manifest.jsonl").read_bytes()
+    with pytest.raises(UserError, match="holds a corpus of other parameters; .* --force"):
+        corpus.synthesize_corpus(target, 24, 4, seed=4, progress=False)
+    assert (target / "manifest.jsonl").read_bytes() == before
+    assert cli.main(["corpus", "synth", str(target), "--utterances", "24", "--speakers", "4", "--seed", "3"]) == 0
+    assert (target / "manifest.jsonl").read_bytes() == before  # the same corpus: up to date, untouched
+    corpus.synthesize_corpus(target, 24, 4, seed=4, progress=False, force=True)
+    assert (target / "manifest.jsonl").read_bytes() != before
+
+
+def test_an_interrupted_synthesis_is_redone(tmp_path):
+    info = corpus._corpus_info(24, 4, 3)
+    (tmp_path / "c" / "wav").mkdir(parents=True)
+    (tmp_path / "c" / "corpus.json").write_text(__import__("json").dumps({**info, "complete": False}))
+    (tmp_path / "c" / "wav" / "train_00000.wav").write_bytes(b"half a file")
+    assert corpus.corpus_state(tmp_path / "c", info) == "unfinished"
+    manifest = corpus.synthesize_corpus(tmp_path / "c", 24, 4, seed=3, progress=False)
+    assert corpus.corpus_state(tmp_path / "c", info) == "complete" and len(rows_of(manifest)) == 24

@@ -1,5 +1,7 @@
 """Audio checks and the bucketing loader."""
 
+import re
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -7,7 +9,7 @@ import torch
 
 from s3prl_ekd.errors import AudioError, ConfigError
 from s3prl_ekd.io.audio import load_audio
-from s3prl_ekd.plugin.pretrain_data import BucketDataset, crop_and_pad, load_datarc, make_buckets
+from s3prl_ekd.plugin.pretrain_data import BucketDataset, Utterance, crop_and_pad, crop_start, load_datarc, make_buckets
 
 
 def write(path, wav, rate):
@@ -45,9 +47,20 @@ def test_audio_dir_dataset_reports_the_bad_file(tmp_path):
 
 
 def test_buckets_sorted_and_batched(tmp_path):
-    rows = [(f"f{i}", n) for i, n in enumerate([5, 50, 20, 40, 10])]
-    assert make_buckets(rows, 2) == [["f1", "f3"], ["f2", "f4"]]  # the last lone file is dropped, as in s3prl
-    assert make_buckets(rows, 2, max_timestep=30) == [["f2", "f4"]]
+    rows = [Utterance(tmp_path / f"f{i}", n, f"f{i}") for i, n in enumerate([5, 50, 20, 40, 10])]
+
+    def keys(buckets):
+        return [[row.key for row in bucket] for bucket in buckets]
+
+    assert keys(make_buckets(rows, 2)) == [["f1", "f3"], ["f2", "f4"]]  # the last lone file is dropped, as in s3prl
+    assert keys(make_buckets(rows, 2, max_timestep=30)) == [["f2", "f4"]]
+
+
+def test_crops_for_stored_targets_start_on_a_frame():
+    torch.manual_seed(0)
+    starts = {crop_start(48000, 16000, hop=320) for _ in range(200)}
+    assert all(s % 320 == 0 and 0 <= s <= 32000 for s in starts) and len(starts) > 50
+    assert crop_start(10000, 16000, hop=320) == 0 and crop_start(10000, 0) == 0
 
 
 def test_crop_and_pad():
@@ -71,3 +84,27 @@ def test_bucket_csv_source(tmp_path, speech_dir):
     assert wave.shape == (2, 8000) and lengths.tolist() == [8000, 8000]
     with pytest.raises(ConfigError, match=r"dev\.csv not found"):
         BucketDataset(load_datarc({"file_path": str(tmp_path), "sets": ["dev"]}))
+
+
+@pytest.mark.parametrize("content, message", [
+    (np.full(8000, np.nan, "float32"), "holds NaN or infinite samples"),
+    (np.concatenate([np.zeros(7999, "float32"), [np.inf]]).astype("float32"), "holds NaN or infinite samples"),
+    (np.zeros(8000, "float32"), "is silent (every sample is 0)"),
+])
+def test_poisoned_audio_is_named_at_load(tmp_path, content, message):
+    path = tmp_path / "poisoned.wav"
+    sf.write(str(path), content, 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match=rf"poisoned\.wav: {re.escape(message)}"):
+        load_audio(path)
+
+
+def test_files_shorter_than_the_receptive_field(tmp_path):
+    for i in range(4):
+        write(tmp_path / f"ok{i}.wav", np.random.randn(16000).astype("float32") * 0.1, 16000)
+    write(tmp_path / "tiny.wav", np.random.randn(300).astype("float32") * 0.1, 16000)
+    datarc = {"audio_dir": str(tmp_path), "train_batch_size": 2}
+    with pytest.raises(AudioError, match=r"tiny\.wav: 300 samples, shorter than the student CNN's receptive field "
+                                         r"\(400 samples\).*skip_short: true"):
+        BucketDataset(load_datarc(datarc), min_samples=400)
+    dataset = BucketDataset(load_datarc({**datarc, "skip_short": True}), min_samples=400)
+    assert sum(len(b) for b in dataset.buckets) == 4

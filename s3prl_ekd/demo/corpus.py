@@ -218,22 +218,31 @@ def _corpus_info(utterances: int, n_speakers: int, seed: int) -> dict:
             "styles": [asdict(style) for style in STYLES]}
 
 
-def _is_complete(out: Path, info: dict) -> bool:
+def corpus_state(out: Path, info: dict) -> str:
+    """'complete' (this very corpus), 'unfinished' (an interrupted synthesis of it), 'new' (no such
+    folder, or an empty one), 'other' (another corpus of ours) or 'foreign' (someone else's files)."""
     info_path, manifest = out / CORPUS_INFO_NAME, out / MANIFEST_NAME
-    if not (info_path.is_file() and manifest.is_file()):
-        return False
-    if json.loads(info_path.read_text()) != info:
-        return False
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return "new"
+    if not info_path.is_file():
+        return "foreign"
+    recorded = json.loads(info_path.read_text())
+    if {k: v for k, v in recorded.items() if k != "complete"} != info:
+        return "other"
+    if not recorded.get("complete") or not manifest.is_file():
+        return "unfinished"
     rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-    return len(rows) == info["utterances"] and all((out / row["audio"]).is_file() for row in rows)
+    complete = len(rows) == info["utterances"] and all((out / row["audio"]).is_file() for row in rows)
+    return "complete" if complete else "unfinished"
 
 
 def synthesize_corpus(out: str | os.PathLike, utterances: int, speakers: int, seed: int = 0,
-                      workers: int | None = None, progress: bool = True) -> Path:
+                      workers: int | None = None, progress: bool = True, force: bool = False) -> Path:
     """Write the corpus to `out` and return the manifest path.
 
-    Deterministic for (utterances, speakers, seed); if `out` already holds that very corpus,
-    nothing is redone. A folder holding anything else that is not a corpus of ours is refused.
+    Deterministic for (utterances, speakers, seed): if `out` already holds that very corpus, nothing
+    is redone (an interrupted one is redone). Another corpus, or anything not made by
+    `corpus synth`, is refused unless `force` (then only our files are replaced).
     """
     import soundfile as sf
     from tqdm import tqdm
@@ -241,15 +250,19 @@ def synthesize_corpus(out: str | os.PathLike, utterances: int, speakers: int, se
     out = Path(out).resolve()
     check_espeak()
     info = _corpus_info(utterances, speakers, seed)
-    if _is_complete(out, info):
+    state = corpus_state(out, info)
+    if state == "complete":
         return out / MANIFEST_NAME
-    if out.exists() and any(out.iterdir()) and not (out / CORPUS_INFO_NAME).is_file() \
-            and not (out / MANIFEST_NAME).is_file():
-        raise UserError(f"{out}: exists, is not empty and holds no corpus made by "
-                        "`s3prl-ekd corpus synth`; choose an empty or new folder")
+    if state in ("other", "foreign") and not force:
+        holds = ("a corpus of other parameters" if state == "other"
+                 else "files that `s3prl-ekd corpus synth` did not write")
+        raise UserError(f"{out}: holds {holds}; choose another folder or pass --force to replace "
+                        "the corpus there; nothing was changed")
     plan = plan_corpus(utterances, speakers, seed)
-    # A different or unfinished corpus of ours: start again (only in the files we write).
-    (out / CORPUS_INFO_NAME).unlink(missing_ok=True)
+    # Start again, in the files we write only; corpus.json says so first, so that an interrupted
+    # synthesis is recognised as ours and redone.
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / CORPUS_INFO_NAME, {**info, "complete": False})
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     if (out / "wav").is_dir():
         shutil.rmtree(out / "wav")
@@ -269,7 +282,7 @@ def synthesize_corpus(out: str | os.PathLike, utterances: int, speakers: int, se
         rows = list(tqdm(pool.map(one, plan), total=len(plan), desc="espeak-ng",
                          disable=not progress, unit="utt"))
     manifest = atomic_write_text(out / MANIFEST_NAME, "".join(json.dumps(row) + "\n" for row in rows))
-    atomic_write_json(out / CORPUS_INFO_NAME, info)
+    atomic_write_json(out / CORPUS_INFO_NAME, {**info, "complete": True})
     return manifest
 
 
@@ -283,10 +296,15 @@ def register_cli(subparsers) -> None:
     p.add_argument("--speakers", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="parallel espeak-ng calls")
+    p.add_argument("--force", action="store_true", help="replace another corpus (or other files) in OUT")
 
     def _synth(args) -> int:
+        info = _corpus_info(args.utterances, args.speakers, args.seed)
+        if corpus_state(Path(args.out).resolve(), info) == "complete":
+            print(f"{Path(args.out) / MANIFEST_NAME}: up to date (same utterances, speakers and seed)")
+            return 0
         manifest = synthesize_corpus(args.out, args.utterances, args.speakers, args.seed,
-                                     workers=args.workers)
+                                     workers=args.workers, force=args.force)
         print(f"wrote {manifest}")
         return 0
 

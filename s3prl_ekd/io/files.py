@@ -50,11 +50,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         _fsync_dir(path.parent)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"{path}: no space left on the device while writing it; the previous "
-                            f"{path.name} (if any) is intact; free some space and run again") from error
+        if _disk_full(error, path.parent):
+            raise UserError(f"{path}: no space left on the device while writing it; nothing was replaced "
+                            "or removed; free some space and run again") from error
         raise
     return path
+
+
+def _disk_full(error: BaseException, folder: Path) -> bool:
+    """ENOSPC / EDQUOT, or another write error (torch's zip writer reports a full disk as a
+    RuntimeError) with the device out of space once the partial file is gone."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(error, (OSError, RuntimeError)):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < 16 * 2**20
+    except OSError:
+        return False
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -84,14 +97,17 @@ def fresh_owned_dir(path: Path, marker: str, owner: str) -> Path:
     return path
 
 
-def check_owned_out(path: Path, marker: str, owner: str, force: bool = False) -> Path:
+def refuse_foreign_out(path: Path, marker: str, owner: str, force: bool = False) -> None:
     """Refuse an output folder that is neither new, empty, ours (`marker`) nor allowed by `force`."""
-    if path.exists() and not force:
-        if not path.is_dir():
-            raise UserError(f"{path}: exists and is not a folder; choose another --out")
-        if any(path.iterdir()) and not (path / marker).is_file():
-            raise UserError(f"{path}: holds files that `{owner}` did not write; choose another --out "
-                            "or pass --force to write into it; nothing was changed")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: exists and is not a folder; choose another --out")
+    if path.exists() and not force and any(path.iterdir()) and not (path / marker).is_file():
+        raise UserError(f"{path}: holds files that `{owner}` did not write; choose another --out "
+                        "or pass --force to write into it; nothing was changed")
+
+
+def claim_out(path: Path, marker: str, owner: str) -> Path:
+    """Create `path` (if needed) and mark it as `owner`'s, after `refuse_foreign_out` let it through."""
     path.mkdir(parents=True, exist_ok=True)
     (path / marker).write_text(f"made by {owner}\n")
     return path

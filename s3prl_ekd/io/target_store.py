@@ -134,6 +134,7 @@ class ShardWriter:
             entry = UtteranceEntry(key, samples, self.frames, frames)
             self.progress.write(json.dumps(asdict(entry)) + "\n")
         except OSError as error:
+            self.progress.flush()  # the utterances finished before this one are kept
             raise UserError(f"{self.folder}: writing the target store failed ({error.strerror}); what was "
                             "written so far is kept and `targets build` resumes from it") from error
         self.entries.append(entry)

@@ -328,6 +328,9 @@ def run_pretrain(argv: list[str]) -> int:
     lock = exclusive_lock(expdir, "pretraining run") if expdir else contextlib.nullcontext()
     with lock, pretrain_workspace(s3prl_dir) as workspace, \
             _script_context(script, argv, cwd=workspace, path=[workspace, s3prl_dir]):
+        if expdir:
+            for partial in expdir.glob(".states-*.ckpt.tmp-*"):  # a save cut short by a kill
+                partial.unlink()
         runpy.run_path(str(script), run_name="__main__")
     return 0
 

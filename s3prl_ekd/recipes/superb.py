@@ -21,7 +21,14 @@ from pathlib import Path
 import yaml
 
 from s3prl_ekd.errors import ConfigError, UserError
-from s3prl_ekd.io.files import atomic_write_json, atomic_write_text, fingerprint, fresh_owned_dir
+from s3prl_ekd.io.files import (
+    atomic_write_json,
+    atomic_write_text,
+    claim_out,
+    fingerprint,
+    fresh_owned_dir,
+    refuse_foreign_out,
+)
 from s3prl_ekd.io.resources import recipe_file
 from s3prl_ekd.recipes.layout import PREPARED_NAME, TASKS
 from s3prl_ekd.recipes.scores import percent, utterance_scores
@@ -197,6 +204,7 @@ def run_task(task: str, upstream: str, ckpt: str | None, data_dir: Path, profile
     if not force and result_path.is_file():
         saved = json.loads(result_path.read_text())
         if saved.get("fingerprint") == key:
+            print(f"[superb] {task}: up to date (same upstream, checkpoint, recipe and data): {result_path}")
             return saved
     runs = {}
     for fold in folds:
@@ -246,8 +254,9 @@ def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os
     """
     from tqdm import tqdm
 
-    names = parse_tasks(tasks)
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
+    refuse_foreign_out(out_dir, MARKER_NAME, "s3prl-ekd superb", force)
+    names = parse_tasks(tasks)
     if ckpt and not str(ckpt).startswith(("http://", "https://")):
         ckpt = str(Path(ckpt).resolve())
         if not Path(ckpt).is_file():
@@ -263,7 +272,7 @@ def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os
         raise ConfigError(f"--jobs {jobs}: use 1 or more")
     for task in names:
         recipe_config(task, profile, load_prepared(data_dir, task), steps)  # fail before training
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_out(out_dir, MARKER_NAME, "s3prl-ekd superb")
     results = {"upstream": upstream, "tasks": {}, "upstream_ckpt": ckpt, "profile": profile,
                "data": str(data_dir), "device": device, "seed": seed, "runs": {}}
     done = {}
@@ -325,7 +334,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--threads", type=int, help="CPU threads per run (default: 1 on CPU)")
     p.add_argument("--steps", type=int, help="training steps per task (default: the profile's)")
     p.add_argument("--jobs", type=int, help="tasks run at once (default: CPU cores / threads; 1 on GPU)")
-    p.add_argument("--force", action="store_true", help="re-run tasks that already have a result")
+    p.add_argument("--force", action="store_true", help="re-run tasks that already have a result, and write "
+                   "into an --out folder that superb did not make")
 
     def _superb(args) -> int:
         results = run_superb(args.upstream, args.ckpt, args.data, args.tasks, args.profile,
