@@ -30,7 +30,8 @@ def _register_plugin_commands(subparsers) -> None:
 
     subparsers.add_parser("pretrain", add_help=False,
                           help="s3prl's run_pretrain.py (same arguments), e.g. -u ekd_distiller -g CONFIG -n NAME")
-    subparsers.add_parser("downstream", add_help=False, help="s3prl's run_downstream.py (same arguments)")
+    subparsers.add_parser("downstream", add_help=False, help="s3prl's run_downstream.py (same arguments), plus "
+                          "--memoize-upstream GIB and --early-stop N")
 
     p = subparsers.add_parser("link", help="make `run_pretrain.py -u ekd_distiller` work in an s3prl checkout")
     p.add_argument("s3prl_dir", nargs="?", help="s3prl checkout or package folder (default: the installed s3prl)")
@@ -100,10 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else None
     try:
-        if command in PASSTHROUGH:
-            from s3prl_ekd.plugin import runner
+        if command == "pretrain":
+            from s3prl_ekd.plugin.runner import run_pretrain
 
-            return runner.PASSTHROUGH[command](argv[1:])
+            return run_pretrain(argv[1:])
+        if command == "downstream":
+            from s3prl_ekd.plugin.downstream import run_downstream
+
+            return run_downstream(argv[1:])
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except UserError as error:

@@ -54,7 +54,7 @@ def rows_of(manifest: Path) -> list[dict]:
 def downstream_env():
     """s3prl's datasets as run_downstream.py runs them here (torchaudio.load without torchcodec on
     torchaudio >= 2.9, a private voxceleb1 file-list cache)."""
-    from s3prl_ekd.plugin.runner import downstream_environment
+    from s3prl_ekd.plugin.downstream import downstream_environment
 
     with downstream_environment():
         yield

@@ -7,9 +7,7 @@ import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
 import torch
 from conftest import model_config, write_yaml
 
@@ -100,24 +98,3 @@ def test_auto_resume_skips_unreadable_newest(tmp_path, ekd_checkpoints, capsys):
     (tmp_path / "states-10.ckpt").unlink()
     with pytest.raises(CheckpointError, match="none of its 1 checkpoint"):
         runner.newest_readable_checkpoint(tmp_path)
-
-
-def test_downstream_environment_reads_audio_with_or_without_torchcodec(tmp_path):
-    import torchaudio
-
-    wave = (0.1 * np.sin(np.arange(8000) / 7)).astype(np.float32)
-    sf.write(tmp_path / "a.flac", wave, 16000, subtype="PCM_16")
-    expected = sf.read(tmp_path / "a.flac", dtype="float32")[0]
-    loaded, rate = runner.soundfile_load(tmp_path / "a.flac")
-    assert rate == 16000 and loaded.shape == (1, 8000) and loaded.dtype == torch.float32
-    np.testing.assert_array_equal(loaded[0].numpy(), expected)
-    part, _ = runner.soundfile_load(tmp_path / "a.flac", frame_offset=100, num_frames=50)
-    np.testing.assert_array_equal(part[0].numpy(), expected[100:150])
-    before = torchaudio.load
-    with runner.downstream_environment():
-        through_torchaudio, rate = torchaudio.load(str(tmp_path / "a.flac"))  # what s3prl's datasets call
-        from s3prl.downstream.voxceleb1 import dataset
-
-        assert not dataset.CACHE_PATH.startswith(str(runner.installed_s3prl_dir()))
-    assert torchaudio.load is before
-    np.testing.assert_allclose(through_torchaudio[0].numpy(), expected, atol=1e-6)

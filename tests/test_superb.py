@@ -83,20 +83,20 @@ def test_four_tasks_train_and_test_with_fbank(tmp_path):
     def accuracy(predicted: dict, truth: dict) -> float:
         return 100 * sum(predicted[k] == truth[k] for k in truth) / len(truth)
 
-    per = error_rate(ark(out / "pr/test-hyp.ark"), ark(out / "pr/test-ref.ark"), lambda t: t.split(" "))
+    per = error_rate(ark(out / "pr/train/test-hyp.ark"), ark(out / "pr/train/test-ref.ark"), lambda t: t.split(" "))
     assert saved["tasks"]["pr"]["per"] == pytest.approx(per, abs=1e-3)
-    truth = ark(out / "sid/test_truth.txt")
+    truth = ark(out / "sid/train/test_truth.txt")
     assert len(truth) == 4
-    acc = accuracy(ark(out / "sid/test_predict.txt"), truth)
+    acc = accuracy(ark(out / "sid/train/test_predict.txt"), truth)
     assert saved["tasks"]["sid"]["acc"] == pytest.approx(acc, abs=1e-3)
-    acc = accuracy(ark(out / "er/fold1/test_fold1_predict.txt"), ark(out / "er/fold1/test_fold1_truth.txt"))
+    acc = accuracy(ark(out / "er/fold1/train/test_fold1_predict.txt"), ark(out / "er/fold1/train/test_fold1_truth.txt"))
     assert saved["tasks"]["er"]["acc"] == pytest.approx(acc, abs=1e-3)
-    wer = error_rate(ark(out / "asr/test-clean-noLM-hyp.ark"), ark(out / "asr/test-clean-noLM-ref.ark"),
+    wer = error_rate(ark(out / "asr/train/test-clean-noLM-hyp.ark"), ark(out / "asr/train/test-clean-noLM-ref.ark"),
                      str.split)
     assert saved["tasks"]["asr"]["wer"] == pytest.approx(wer, abs=1e-3)
 
     for task, run in saved["runs"].items():
-        assert run["steps"] == 4
+        assert run["steps"] == [4]
         train, test = run["commands"]
         assert "-m train -u fbank" in train and f"-c {out / task}/" in train
         assert "-m evaluate -e" in test
@@ -136,3 +136,22 @@ def test_checkpoint_upstreams_go_through_k(upstream, tmp_path, request):
     assert 0 <= results["tasks"]["sid"]["acc"] <= 100 and results["tasks"]["pr"]["per"] >= 0
     assert f"-u {upstream} -d voxceleb1" in results["runs"]["sid"]["commands"][0]
     assert f"-k {ckpt}" in results["runs"]["sid"]["commands"][0]
+
+
+def test_lr_grid_picks_on_dev_and_noisy_pr_is_scored(tmp_path):
+    manifest = synthesize_corpus(tmp_path / "corpus", utterances=40, speakers=4, seed=0, progress=False)
+    reports = prepare_all(manifest, tmp_path / "data", noisy_snr_db=5.0)
+    assert "test_noisy" in " ".join(reports["pr"].notes)
+    results = superb.run_superb("fbank", None, tmp_path / "data", "pr", "cpu-small", tmp_path / "r", steps=4,
+                                progress=False, lr_grid=[1e-2, 1e-4], early_stop=3, memoize_gib=1.0)
+    run = results["runs"]["pr"]["runs"]["pr"]
+    assert set(run["dev"]) == {"0.01", "0.0001"}
+    assert run["lr"] == float(min(run["dev"], key=run["dev"].get))  # PER: the lowest dev error wins
+    assert results["runs"]["pr"]["lr"] == [run["lr"]]
+    assert run["checkpoint"].startswith(str(tmp_path / "r" / "pr" / f"lr{run['lr']:g}"))
+    test_utterances = {r["id"] for r in map(json.loads, manifest.read_text().splitlines()) if r["split"] == "test"}
+    assert len(run["scores"]) == len(run["noisy"]["scores"]) == len(test_utterances)
+    assert results["tasks"]["pr_noisy"]["per"] == run["noisy"]["value"]
+    from s3prl_ekd.recipes.scores import percent
+
+    assert run["noisy"]["value"] == pytest.approx(percent(run["noisy"]["scores"]), abs=1e-3)

@@ -1,5 +1,5 @@
-"""Running s3prl's own run_pretrain.py / run_downstream.py with the `ekd_distiller` task,
-without writing into the installed s3prl.
+"""Running s3prl's own run_pretrain.py with the `ekd_distiller` task, without writing into the
+installed s3prl (plugin/downstream.py does the same for run_downstream.py).
 
 run_pretrain.py must run with a working directory holding `pretrain/<task>/` (it imports
 top-level `pretrain.*` and lists `pretrain/` for `-u`). Each `s3prl-ekd pretrain` therefore
@@ -13,9 +13,7 @@ What this module adds around s3prl's scripts, and nothing else:
 - checkpoints are written atomically and old ones removed only after the new one is complete;
 - `-a` resumes from the newest readable checkpoint; an experiment folder is locked while a run
   writes to it, and a new run refuses a folder that holds checkpoints (unless --force);
-- torch >= 2.6 `weights_only` loading of s3prl's checkpoints (Namespace, LR schedules);
-- downstream: audio read with soundfile where torchaudio >= 2.9 has no usable torchcodec, and
-  the voxceleb1 file-list cache kept in a temporary folder instead of s3prl's package folder.
+- torch >= 2.6 `weights_only` loading of s3prl's checkpoints (Namespace, LR schedules).
 """
 
 from __future__ import annotations
@@ -299,7 +297,8 @@ def experiment_dir(argv: list[str]) -> Path | None:
 
 
 @contextlib.contextmanager
-def _script_context(script: Path, argv: list[str], cwd: Path, path: list[Path]):
+def script_context(script: Path, argv: list[str], cwd: Path, path: list[Path]):
+    """sys.argv, sys.path and the working directory for running one of s3prl's scripts with runpy."""
     old_argv, old_cwd, old_path = sys.argv, os.getcwd(), list(sys.path)
     sys.argv = [str(script), *argv]
     sys.path[:0] = [str(p) for p in path]  # the scripts import their siblings top-level
@@ -327,68 +326,10 @@ def run_pretrain(argv: list[str]) -> int:
     expdir = experiment_dir(argv)
     lock = exclusive_lock(expdir, "pretraining run") if expdir else contextlib.nullcontext()
     with lock, pretrain_workspace(s3prl_dir) as workspace, \
-            _script_context(script, argv, cwd=workspace, path=[workspace, s3prl_dir]):
+            script_context(script, argv, cwd=workspace, path=[workspace, s3prl_dir]):
         if expdir:
             for partial in expdir.glob(".states-*.ckpt.tmp-*"):  # a save cut short by a kill
                 partial.unlink()
         runpy.run_path(str(script), run_name="__main__")
     return 0
 
-
-# -- run_downstream.py ------------------------------------------------------------------------
-
-def torchcodec_usable() -> bool:
-    try:
-        import torchcodec.decoders  # noqa: F401  (loads FFmpeg's libraries)
-    except Exception:  # not installed, or FFmpeg missing / mismatched: either way unusable
-        return False
-    return True
-
-
-def soundfile_load(uri, frame_offset: int = 0, num_frames: int = -1, normalize: bool = True,
-                   channels_first: bool = True, **_):
-    """torchaudio.load's result, (waveform (C, S) float32, sample rate), read with soundfile."""
-    import soundfile as sf
-    import torch
-
-    stop = None if num_frames < 0 else frame_offset + num_frames
-    data, rate = sf.read(str(uri), start=frame_offset, stop=stop, dtype="float32", always_2d=True)
-    wave = torch.from_numpy(data)
-    return (wave.T.contiguous() if channels_first else wave), rate
-
-
-@contextlib.contextmanager
-def downstream_environment() -> Iterator[None]:
-    """What s3prl's downstream datasets need here, for the duration of the block:
-
-    - on torchaudio >= 2.9 without a usable torchcodec, `torchaudio.load` reads with soundfile
-      (s3prl's datasets only read the wav/flac files `prepare` writes, which soundfile reads);
-    - the voxceleb1 expert caches its file lists in s3prl's own package folder and reuses them
-      whatever the config says: a temporary folder keeps runs apart and site-packages untouched.
-    """
-    import torchaudio
-    from s3prl.downstream.voxceleb1 import dataset as voxceleb1_dataset
-
-    version = tuple(int(x) for x in torchaudio.__version__.split("+")[0].split(".")[:2])
-    saved_load, saved_cache = torchaudio.load, voxceleb1_dataset.CACHE_PATH
-    if version >= (2, 9) and not torchcodec_usable():
-        torchaudio.load = soundfile_load
-    try:
-        with tempfile.TemporaryDirectory(prefix="s3prl-ekd-voxceleb1-cache-") as cache:
-            voxceleb1_dataset.CACHE_PATH = cache + "/"
-            yield
-    finally:
-        torchaudio.load, voxceleb1_dataset.CACHE_PATH = saved_load, saved_cache
-
-
-def run_downstream(argv: list[str]) -> int:
-    """s3prl's run_downstream.py with `argv` (it runs from any directory)."""
-    import s3prl_ekd.plugin.hub  # noqa: F401  (registers ekd_distiller even without the .pth)
-
-    script = installed_s3prl_dir() / "run_downstream.py"
-    with downstream_environment(), _script_context(script, argv, cwd=Path.cwd(), path=[script.parent]):
-        runpy.run_path(str(script), run_name="__main__")
-    return 0
-
-
-PASSTHROUGH = {"pretrain": run_pretrain, "downstream": run_downstream}

@@ -9,6 +9,7 @@ re-running with unchanged inputs does nothing.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -16,6 +17,8 @@ import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from s3prl_ekd.errors import ConfigError, UserError
 from s3prl_ekd.io.files import atomic_write_json, fingerprint, fresh_owned_dir
@@ -200,22 +203,57 @@ def _check_text(rows: Sequence[Row], manifest) -> None:
                             "drop punctuation other than the apostrophe")
 
 
+NOISY_SPLIT = "test_noisy"
+
+
+def add_noise(wav: np.ndarray, snr_db: float, seed: int) -> np.ndarray:
+    """`wav` (samples,) plus white Gaussian noise at `snr_db` below its power, scaled (speech and
+    noise together, so the SNR holds) to stay within [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    power = float(np.mean(wav.astype(np.float64) ** 2)) or 1e-10
+    noisy = wav + rng.standard_normal(len(wav)) * np.sqrt(power / 10 ** (snr_db / 10))
+    peak = float(np.abs(noisy).max())
+    return (noisy / peak * 0.99 if peak > 0.99 else noisy).astype(np.float32)
+
+
+def write_noisy_copies(rows: Sequence[Row], folder: Path, snr_db: float) -> list[Row]:
+    """The test rows again, as split NOISY_SPLIT, their audio with noise at `snr_db` (seeded per utterance)."""
+    import soundfile as sf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    noisy = []
+    for row in rows:
+        wav, rate = sf.read(str(row.audio), dtype="float32")
+        seed = int(fingerprint("noise", row.id)[:8], 16)
+        path = folder / f"{row.id}.wav"
+        sf.write(str(path), add_noise(wav, snr_db, seed), rate, subtype="PCM_16")
+        noisy.append(dataclasses.replace(row, id=f"{row.id}-noisy", audio=path, split=NOISY_SPLIT))
+    return noisy
+
+
 def prepare_pr(manifest: str | os.PathLike, out: str | os.PathLike, vocab: str | os.PathLike | None = None,
-               progress: bool = False) -> PrepareReport:
-    """PR from a manifest: flac tree + exact phone transcripts + the espeak-ng phone vocabulary."""
+               progress: bool = False, noisy_snr_db: float | None = None) -> PrepareReport:
+    """PR from a manifest: flac tree + exact phone transcripts + the espeak-ng phone vocabulary;
+    with `noisy_snr_db`, also a copy of the test split with white noise at that SNR (NOISY_SPLIT)."""
     out, vocab = Path(out).resolve(), Path(vocab or espeak_phones()).resolve()
 
     def build(rows, task_out):
         tree = task_out / "librispeech"
+        extra, notes = {}, [f"phone vocabulary: {vocab} ({len(read_symbols(vocab))} phones)"]
+        if noisy_snr_db is not None:
+            rows = list(rows) + write_noisy_copies([r for r in rows if r.split == "test"], task_out / "noisy_src",
+                                                   noisy_snr_db)
+            extra = {"noisy_test": NOISY_SPLIT, "noisy_snr_db": noisy_snr_db}
+            notes.append(f"{NOISY_SPLIT}: the test split with white noise at {noisy_snr_db:g} dB SNR")
         write_librispeech_tree(rows, tree, flac=True)
         config = {"downstream_expert": {
             "corpus": {"path": str(tree), "train": ["train"], "dev": ["dev"], "test": ["test"],
                        "lexicon": [], "transcripts": "phones"},
             "text": {"vocab_file": str(vocab)}}}
-        return config, [f"phone vocabulary: {vocab} ({len(read_symbols(vocab))} phones)"], {}
+        return config, notes, extra
 
     return _prepare_from_manifest("pr", manifest, out, progress,
-                                  {"vocab": str(vocab), "vocab_text": vocab.read_text()},
+                                  {"vocab": str(vocab), "vocab_text": vocab.read_text(), "noisy_snr_db": noisy_snr_db},
                                   lambda rows: _check_phones(rows, vocab, manifest), build)
 
 
@@ -327,9 +365,9 @@ def prepare_er(manifest: str | os.PathLike, out: str | os.PathLike, progress: bo
 
 def prepare_all(manifest: str | os.PathLike, out: str | os.PathLike,
                 pr_vocab: str | os.PathLike | None = None,
-                progress: bool = False) -> dict[str, PrepareReport]:
-    """All four layouts from one manifest."""
-    return {"pr": prepare_pr(manifest, out, vocab=pr_vocab, progress=progress),
+                progress: bool = False, noisy_snr_db: float | None = None) -> dict[str, PrepareReport]:
+    """All four layouts from one manifest (PR with its noisy test copy when `noisy_snr_db` is given)."""
+    return {"pr": prepare_pr(manifest, out, vocab=pr_vocab, progress=progress, noisy_snr_db=noisy_snr_db),
             "asr": prepare_asr(manifest, out, progress=progress),
             "sid": prepare_sid(manifest, out, progress=progress),
             "er": prepare_er(manifest, out, progress=progress)}

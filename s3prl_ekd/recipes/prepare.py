@@ -19,6 +19,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--split-file", help="VoxCeleb1 identification split (iden_split.txt)")
     p.add_argument("--iemocap", help="IEMOCAP_full_release root (er)")
     p.add_argument("--pr-vocab", help="phone vocabulary for pr (default: the recipe's)")
+    p.add_argument("--noisy-snr", type=float, help="pr from a manifest: also a test copy with white noise at "
+                                                   "this SNR in dB (superb then reports pr_noisy)")
 
     def _prepare(args) -> int:
         for report in _dispatch(args):
@@ -34,9 +36,11 @@ def _dispatch(args) -> list[PrepareReport]:
         if any(real.values()):
             raise UserError("give either --manifest or the real corpus folders, not both")
         if args.task == "all":
-            return list(prepare_all(args.manifest, args.out, args.pr_vocab, progress=True).values())
+            return list(prepare_all(args.manifest, args.out, args.pr_vocab, progress=True,
+                                    noisy_snr_db=args.noisy_snr).values())
         if args.task == "pr":
-            return [prepare_pr(args.manifest, args.out, vocab=args.pr_vocab, progress=True)]
+            return [prepare_pr(args.manifest, args.out, vocab=args.pr_vocab, progress=True,
+                               noisy_snr_db=args.noisy_snr)]
         builders = {"asr": prepare_asr, "sid": prepare_sid, "er": prepare_er}
         return [builders[args.task](args.manifest, args.out, progress=True)]
     wanted = TASKS if args.task == "all" else (args.task,)

@@ -1,8 +1,10 @@
 """Benchmark one upstream on PR, SID, ER and ASR with s3prl's own run_downstream.py.
 
 For each task: recipe config (downstream_recipes/<task>/<profile>.yaml + the paths from
-`prepare`) -> train -> evaluate the best dev checkpoint on test -> score the prediction files
-s3prl writes (recipes.scores). Writes OUT/results.json and OUT/results.md.
+`prepare`) -> train, for each learning rate of the grid (SUPERB's protocol: the best on dev
+wins), optionally until the dev metric stops improving -> evaluate the chosen run's best dev
+checkpoint on test (and PR also on the noisy test copy, if prepared) -> score the prediction
+files s3prl writes, per utterance (recipes.scores). Writes OUT/results.json and OUT/results.md.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
 from s3prl_ekd.errors import ConfigError, UserError
+from s3prl_ekd.io.events import read_scalars
 from s3prl_ekd.io.files import (
     atomic_write_json,
     atomic_write_text,
@@ -40,22 +43,24 @@ RESULT_NAME = "task_result.json"
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """How one task runs through s3prl: expert (-d), metric name, the test split's name, and the
-    best-on-dev checkpoint name."""
+    """How one task runs through s3prl: expert (-d), metric name, the dev and test splits' names,
+    and the best-on-dev checkpoint name."""
 
     downstream: str
     metric: str
+    dev_split: str
     test_split: str
     best_checkpoint: str
     higher_is_better: bool
 
 
 TASK_SPECS = {
-    "pr": TaskSpec("ctc", "per", "test", "dev-best.ckpt", False),
-    "sid": TaskSpec("voxceleb1", "acc", "test", "dev-best.ckpt", True),
-    "er": TaskSpec("emotion", "acc", "test", "dev-best.ckpt", True),
-    "asr": TaskSpec("asr", "wer", "test-clean", "dev-clean-best.ckpt", False),
+    "pr": TaskSpec("ctc", "per", "dev", "test", "dev-best.ckpt", False),
+    "sid": TaskSpec("voxceleb1", "acc", "dev", "test", "dev-best.ckpt", True),
+    "er": TaskSpec("emotion", "acc", "dev", "test", "dev-best.ckpt", True),
+    "asr": TaskSpec("asr", "wer", "dev-clean", "test-clean", "dev-clean-best.ckpt", False),
 }
+NOISY_TASK = "pr_noisy"  # PR's model tested on the noisy copy of the test split (prepare --noisy-snr)
 # ER folds to run: the paper's protocol averages every held-out session; cpu-small runs one.
 ALL_FOLDS = {"cpu-small": False, "superb": True}
 
@@ -102,13 +107,26 @@ def recipe_config(task: str, profile: str, prepared: dict, steps: int | None = N
     return config
 
 
+@dataclass
+class SuperbOptions:
+    """How every task runs (the same for all tasks of one `run_superb`)."""
+
+    device: str = "cpu"
+    seed: int = 1337
+    threads: int | None = None          # OMP threads per run (1 on CPU by default)
+    steps: int | None = None            # training steps (default: the profile's)
+    lr_grid: list[float] = field(default_factory=list)  # empty: the recipe's learning rate only
+    early_stop: int | None = None       # stop after this many evaluations without a better dev metric
+    memoize_gib: float | None = None    # keep up to this many GiB of upstream states per run
+
+
 def downstream_command(argv: list[str]) -> list[str]:
     """s3prl's run_downstream.py with `argv`, run through our bridge in a fresh interpreter."""
     return [sys.executable, "-m", "s3prl_ekd.cli", "downstream", *argv]
 
 
-def run_logged(command: list[str], log: Path, task: str, threads: int | None) -> str:
-    """Run `command`; stdout to log, stderr (progress bars) to log.err; returns stdout.
+def run_logged(command: list[str], log: Path, task: str, threads: int | None) -> None:
+    """Run `command`; stdout to log, stderr (progress bars) to log.err.
 
     `threads` caps torch's CPU threads: the small downstream models run several times faster
     on one thread than on two contended ones.
@@ -118,12 +136,10 @@ def run_logged(command: list[str], log: Path, task: str, threads: int | None) ->
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     with open(log, "w") as out, open(log.with_suffix(".err"), "w") as err:
         code = subprocess.call(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
-    stdout = log.read_text()
     if code != 0:
         tail = "\n".join(log.with_suffix(".err").read_text().splitlines()[-15:])
         raise UserError(f"{task}: run_downstream.py failed (exit {code}); command: "
                         f"{shlex.join(command)}\nlogs: {log}, {log.with_suffix('.err')}\n{tail}")
-    return stdout
 
 
 def pick_checkpoint(expdir: Path, spec: TaskSpec) -> Path:
@@ -137,46 +153,115 @@ def pick_checkpoint(expdir: Path, spec: TaskSpec) -> Path:
     return states[-1]
 
 
+def dev_curve(expdir: Path, spec: TaskSpec) -> list[tuple[int, float]]:
+    """(step, dev metric in s3prl's unit) of every evaluation during training, from its log."""
+    suffix = f"/{spec.dev_split}-{spec.metric}"
+    curves = [points for tag, points in read_scalars(expdir).items() if tag.endswith(suffix)]
+    if not curves:
+        raise UserError(f"{expdir}: no '*{suffix}' in the training log; see {expdir / 'train.log'}")
+    return curves[0]
+
+
+@dataclass
+class TrainRun:
+    """One training run of a task at one learning rate."""
+
+    lr: float
+    expdir: str
+    dev_best: float        # best dev metric of the run, in s3prl's unit
+    best_step: int
+    stopped_at_step: int   # total_steps, or where early stopping ended it
+    seconds: float
+    command: str
+
+
+def train_once(task: str, config: dict, expdir: Path, upstream: str, ckpt: str | None,
+               upstream_config: str | None, opts: SuperbOptions) -> TrainRun:
+    spec = TASK_SPECS[task]
+    fresh_owned_dir(expdir, MARKER_NAME, "s3prl-ekd superb")
+    config_path = atomic_write_text(expdir / "recipe.yaml", yaml.safe_dump(config, sort_keys=False))
+    argv = ["-m", "train", "-u", upstream, "-d", spec.downstream, "-c", str(config_path),
+            "-p", str(expdir), "--device", opts.device, "--seed", str(opts.seed)]
+    if ckpt:
+        argv += ["-k", str(ckpt)]
+    if upstream_config:
+        argv += ["-g", str(upstream_config)]
+    if opts.early_stop:
+        argv += ["--early-stop", str(opts.early_stop)]
+    if opts.memoize_gib:
+        argv += ["--memoize-upstream", str(opts.memoize_gib)]
+    command = downstream_command(argv)
+    start = time.perf_counter()
+    run_logged(command, expdir / "train.log", task, opts.threads)
+    curve = dev_curve(expdir, spec)
+    best_step, dev_best = (max if spec.higher_is_better else min)(curve, key=lambda point: point[1])
+    stop_file = expdir / "early_stop.json"
+    stopped = json.loads(stop_file.read_text())["stopped_at_step"] if stop_file.is_file() \
+        else int(config["runner"]["total_steps"])
+    return TrainRun(float(config["optimizer"]["lr"]), str(expdir), dev_best, best_step, stopped,
+                    round(time.perf_counter() - start, 1), shlex.join(command))
+
+
+def test_once(task: str, checkpoint: Path, expdir: Path, fold: str | None, opts: SuperbOptions,
+              corpus_test: str | None = None) -> tuple[dict, float, str]:
+    """Evaluate `checkpoint` on the test split (PR: or the prepared split `corpus_test`) into `expdir`;
+    -> (per-utterance scores, seconds, command)."""
+    spec = TASK_SPECS[task]
+    argv = ["-m", "evaluate", "-e", str(checkpoint), "-t", spec.test_split, "--device", opts.device]
+    if corpus_test:
+        argv += ["-o", f"args.expdir={expdir},,config.downstream_expert.corpus.test=['{corpus_test}']"]
+    command = downstream_command(argv)
+    start = time.perf_counter()
+    run_logged(command, expdir / "test.log", task, opts.threads)
+    scores = {utt: list(pair) for utt, pair in utterance_scores(task, expdir, spec.test_split, fold).items()}
+    return scores, round(time.perf_counter() - start, 1), shlex.join(command)
+
+
 @dataclass
 class RunResult:
-    """One train + test run of a task (one fold for ER)."""
+    """One task (one ER fold): the learning-rate sweep on dev, then the chosen run on test."""
 
-    value: float  # metric in percent on the test split
-    steps: int
+    value: float                         # metric in percent on the test split
+    lr: float                            # the learning rate that won on dev
+    steps: int                           # training steps of the chosen run (early stopping included)
+    best_step: int
+    dev: dict[str, float]                # lr -> best dev metric (s3prl's unit)
     train_seconds: float
     test_seconds: float
     checkpoint: str
     commands: list[str]
+    scores: dict[str, list[float]]       # utterance -> (numerator, denominator) for the bootstrap
+    noisy: dict | None = None            # PR on the noisy test copy: {value, scores, ...}
 
 
 def run_one(task: str, config: dict, expdir: Path, upstream: str, ckpt: str | None,
-            upstream_config: str | None, device: str, seed: int,
-            threads: int | None = None) -> RunResult:
-    """Train then test one recipe config in `expdir` with s3prl's run_downstream.py."""
+            upstream_config: str | None, opts: SuperbOptions, noisy_test: str | None = None) -> RunResult:
+    """The learning-rate sweep (or the recipe's rate) on dev, then test with the winner."""
     spec = TASK_SPECS[task]
-    fresh_owned_dir(expdir, MARKER_NAME, "s3prl-ekd superb")
-    config_path = atomic_write_text(expdir / "recipe.yaml", yaml.safe_dump(config, sort_keys=False))
-    train = ["-m", "train", "-u", upstream, "-d", spec.downstream, "-c", str(config_path),
-             "-p", str(expdir), "--device", device, "--seed", str(seed)]
-    if ckpt:
-        train += ["-k", str(ckpt)]
-    if upstream_config:
-        train += ["-g", str(upstream_config)]
-    train_cmd = downstream_command(train)
-    start = time.perf_counter()
-    run_logged(train_cmd, expdir / "train.log", task, threads)
-    train_seconds = time.perf_counter() - start
-    checkpoint = pick_checkpoint(expdir, spec)
-    test_cmd = downstream_command(["-m", "evaluate", "-e", str(checkpoint), "-t", spec.test_split,
-                                   "--device", device])
-    start = time.perf_counter()
-    run_logged(test_cmd, expdir / "test.log", task, threads)
-    test_seconds = time.perf_counter() - start
+    rates = opts.lr_grid or [None]
+    runs = []
+    expdir.mkdir(parents=True, exist_ok=True)
+    (expdir / MARKER_NAME).write_text("made by s3prl-ekd superb\n")
+    for lr in rates:
+        run_config = config if lr is None else deep_merge(config, {"optimizer": {"lr": lr}})
+        run_dir = expdir / ("train" if lr is None else f"lr{lr:g}")
+        runs.append(train_once(task, run_config, run_dir, upstream, ckpt, upstream_config, opts))
+    chosen = (max if spec.higher_is_better else min)(runs, key=lambda run: run.dev_best)
+    checkpoint = pick_checkpoint(Path(chosen.expdir), spec)
     fold = config["downstream_expert"]["datarc"].get("test_fold") if task == "er" else None
-    value = percent(utterance_scores(task, expdir, spec.test_split, fold))
-    return RunResult(round(value, 4), int(config["runner"]["total_steps"]), round(train_seconds, 1),
-                     round(test_seconds, 1), str(checkpoint),
-                     [shlex.join(train_cmd), shlex.join(test_cmd)])
+    # s3prl writes the test predictions into the checkpoint's experiment folder.
+    scores, test_seconds, test_command = test_once(task, checkpoint, Path(chosen.expdir), fold, opts)
+    commands = [run.command for run in runs] + [test_command]
+    noisy = None
+    if noisy_test is not None:
+        noisy_dir = fresh_owned_dir(expdir / noisy_test, MARKER_NAME, "s3prl-ekd superb")
+        noisy_scores, seconds, command = test_once(task, checkpoint, noisy_dir, None, opts, corpus_test=noisy_test)
+        noisy = {"value": round(percent(noisy_scores), 4), "scores": noisy_scores, "test_seconds": seconds}
+        test_seconds += seconds
+        commands.append(command)
+    return RunResult(round(percent(scores), 4), chosen.lr, chosen.stopped_at_step, chosen.best_step,
+                     {f"{run.lr:g}": run.dev_best for run in runs}, round(sum(run.seconds for run in runs), 1),
+                     test_seconds, str(checkpoint), commands, scores, noisy)
 
 
 def _file_stamp(path: str | None):
@@ -187,18 +272,19 @@ def _file_stamp(path: str | None):
 
 
 def run_task(task: str, upstream: str, ckpt: str | None, data_dir: Path, profile: str,
-             out_dir: Path, upstream_config: str | None, device: str, seed: int,
-             threads: int | None, force: bool, steps: int | None = None) -> dict:
+             out_dir: Path, upstream_config: str | None, opts: SuperbOptions, force: bool) -> dict:
     """Run `task` (every ER fold the profile asks for) unless an identical run is on disk."""
     spec = TASK_SPECS[task]
     prepared = load_prepared(data_dir, task)
-    config = recipe_config(task, profile, prepared, steps)
+    config = recipe_config(task, profile, prepared, opts.steps)
     folds = [None]
     if task == "er":
         folds = prepared.get("folds") or [config["downstream_expert"]["datarc"]["test_fold"]]
         folds = folds if ALL_FOLDS[profile] else folds[:1]
+    noisy_test = prepared.get("noisy_test") if task == "pr" else None
     key = fingerprint(task, upstream, _file_stamp(ckpt), _file_stamp(upstream_config), profile, config,
-                      prepared.get("fingerprint"), folds, device, seed)
+                      prepared.get("fingerprint"), folds, noisy_test, opts.device, opts.seed, opts.lr_grid,
+                      opts.early_stop, opts.memoize_gib is not None)
     task_dir = out_dir / task
     result_path = task_dir / RESULT_NAME
     if not force and result_path.is_file():
@@ -206,20 +292,18 @@ def run_task(task: str, upstream: str, ckpt: str | None, data_dir: Path, profile
         if saved.get("fingerprint") == key:
             print(f"[superb] {task}: up to date (same upstream, checkpoint, recipe and data): {result_path}")
             return saved
+    fresh_owned_dir(task_dir, MARKER_NAME, "s3prl-ekd superb")
     runs = {}
     for fold in folds:
         if fold is None:
-            runs[task] = run_one(task, config, task_dir, upstream, ckpt, upstream_config, device,
-                                 seed, threads)
+            runs[task] = run_one(task, config, task_dir, upstream, ckpt, upstream_config, opts, noisy_test)
         else:
             fold_config = deep_merge(config, {"downstream_expert": {"datarc": {"test_fold": fold}}})
-            runs[fold] = run_one(task, fold_config, task_dir / fold, upstream, ckpt,
-                                 upstream_config, device, seed, threads)
-            (task_dir / MARKER_NAME).write_text("made by s3prl-ekd superb\n")
+            runs[fold] = run_one(task, fold_config, task_dir / fold, upstream, ckpt, upstream_config, opts)
     values = [r.value for r in runs.values()]
     result = {
         "task": task, "metric": spec.metric, "value": round(sum(values) / len(values), 4),
-        "steps": next(iter(runs.values())).steps,
+        "steps": [r.steps for r in runs.values()], "lr": [r.lr for r in runs.values()],
         "train_seconds": round(sum(r.train_seconds for r in runs.values()), 1),
         "test_seconds": round(sum(r.test_seconds for r in runs.values()), 1),
         "commands": [c for r in runs.values() for c in r.commands],
@@ -241,14 +325,19 @@ def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os
                out_dir: str | os.PathLike = "results/superb", upstream_config: str | None = None,
                device: str | None = None, seed: int = 1337, threads: int | None = None,
                steps: int | None = None, force: bool = False, progress: bool = True,
-               jobs: int | None = None) -> dict:
+               jobs: int | None = None, lr_grid: list[float] | None = None, early_stop: int | None = None,
+               memoize_gib: float | None = None) -> dict:
     """Benchmark `upstream` on `tasks`; write and return results.json's content.
 
     results["tasks"][task] holds the one test metric in percent (pr: per, sid: acc, er: acc,
-    asr: wer); results["runs"][task] the steps, times, checkpoints and exact commands.
-    A task whose identical run (same upstream, checkpoint file, config, data) is already in
-    `out_dir` is not run again unless `force`. `threads` (default: 1 on CPU, torch's choice on
-    GPU) sets OMP_NUM_THREADS for each run; `steps` shortens (or lengthens) every training run.
+    asr: wer; pr_noisy: PR's model on the noisy test copy, when prepared); results["runs"][task]
+    the learning rates tried (dev metric of each) and chosen, steps, times, checkpoints, exact
+    commands and per-utterance test scores. A task whose identical run (same upstream, checkpoint
+    file, config, data, options) is already in `out_dir` is not run again unless `force`.
+    `threads` (default: 1 on CPU, torch's choice on GPU) sets OMP_NUM_THREADS for each run; `steps`
+    shortens (or lengthens) every training run; `lr_grid` replaces the recipe's learning rate by a
+    sweep picked on dev; `early_stop` ends a run after that many evaluations without a better dev
+    metric; `memoize_gib` keeps the frozen upstream's states in memory across epochs.
     `jobs` tasks run at once (default: on CPU, as many as the cores hold at `threads` each;
     on GPU, one). Each task is its own seeded process, so the numbers do not depend on `jobs`.
     """
@@ -270,16 +359,20 @@ def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os
         jobs = max(1, cores // (threads or 1)) if device == "cpu" else 1  # cores this process may use
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: use 1 or more")
+    if any(lr <= 0 for lr in lr_grid or []):
+        raise ConfigError(f"--lr-grid {lr_grid}: learning rates must be positive")
+    opts = SuperbOptions(device, seed, threads, steps, sorted(lr_grid or []), early_stop, memoize_gib)
     for task in names:
         recipe_config(task, profile, load_prepared(data_dir, task), steps)  # fail before training
     claim_out(out_dir, MARKER_NAME, "s3prl-ekd superb")
     results = {"upstream": upstream, "tasks": {}, "upstream_ckpt": ckpt, "profile": profile,
-               "data": str(data_dir), "device": device, "seed": seed, "runs": {}}
+               "data": str(data_dir), "device": device, "seed": seed, "lr_grid": opts.lr_grid,
+               "early_stop": early_stop, "runs": {}}
     done = {}
     with ThreadPoolExecutor(max_workers=min(jobs, len(names))) as pool, \
             tqdm(total=len(names), desc=f"superb {upstream}", unit="task", disable=not progress) as bar:
         futures = {pool.submit(run_task, task, upstream, ckpt, data_dir, profile, out_dir, upstream_config,
-                               device, seed, threads, force, steps): task for task in names}
+                               opts, force): task for task in names}
         for future in as_completed(futures):
             if future.exception() is not None:
                 pool.shutdown(wait=True, cancel_futures=True)  # tasks not started yet never start
@@ -288,9 +381,10 @@ def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os
             bar.update(1)
             ordered = [t for t in names if t in done]  # the table keeps the order asked for
             results["tasks"] = {t: {done[t]["metric"]: done[t]["value"]} for t in ordered}
-            results["runs"] = {t: {k: done[t][k] for k in
-                                   ("steps", "train_seconds", "test_seconds", "commands", "runs")}
-                               for t in ordered}
+            results["runs"] = {t: {k: done[t][k] for k in ("steps", "lr", "train_seconds", "test_seconds",
+                                                           "commands", "runs")} for t in ordered}
+            if "pr" in done and done["pr"]["runs"]["pr"]["noisy"]:
+                results["tasks"][NOISY_TASK] = {"per": done["pr"]["runs"]["pr"]["noisy"]["value"]}
             write_results(results, out_dir)  # a partial table survives an interrupted run
     return results
 
@@ -305,12 +399,17 @@ def results_markdown(results: dict) -> str:
     lines = [f"# SUPERB-style results: {results['upstream']}", "",
              f"- upstream checkpoint: {results.get('upstream_ckpt') or '-'}",
              f"- profile: {results['profile']}; data: {results['data']}; device: {results['device']}",
-             "", "| task | metric (test, %) | value | steps | train s | test s |",
-             "|---|---|---|---|---|---|"]
+             "", "| task | metric (test, %) | value | steps | lr (picked on dev) | train s | test s |",
+             "|---|---|---|---|---|---|---|"]
     for task, metrics in results["tasks"].items():
         (metric, value), = metrics.items()
-        run = results["runs"][task]
-        lines.append(f"| {task} | {metric} ({arrow[metric]}) | {value:.2f} | {run['steps']} | "
+        run = results["runs"].get(task)
+        if run is None:  # pr_noisy: PR's model, tested again
+            lines.append(f"| {task} | {metric} ({arrow[metric]}) | {value:.2f} | (pr's) | | |")
+            continue
+        steps = ", ".join(map(str, run["steps"]))
+        lrs = ", ".join(f"{lr:g}" for lr in run["lr"])
+        lines.append(f"| {task} | {metric} ({arrow[metric]}) | {value:.2f} | {steps} | {lrs} | "
                      f"{run['train_seconds']:.0f} | {run['test_seconds']:.0f} |")
     lines += ["", "## Commands", ""]
     for task, run in results["runs"].items():
@@ -334,15 +433,29 @@ def register_cli(subparsers) -> None:
     p.add_argument("--threads", type=int, help="CPU threads per run (default: 1 on CPU)")
     p.add_argument("--steps", type=int, help="training steps per task (default: the profile's)")
     p.add_argument("--jobs", type=int, help="tasks run at once (default: CPU cores / threads; 1 on GPU)")
+    p.add_argument("--lr-grid", help="comma list of learning rates, each trained and the best on dev kept "
+                                     "(SUPERB's protocol); default: the recipe's rate")
+    p.add_argument("--early-stop", type=int, help="stop a run after N evaluations without a better dev metric")
+    p.add_argument("--memoize-upstream", type=float, metavar="GIB",
+                   help="keep up to GIB of the frozen upstream's states per run, computed once per utterance")
     p.add_argument("--force", action="store_true", help="re-run tasks that already have a result, and write "
                    "into an --out folder that superb did not make")
 
     def _superb(args) -> int:
         results = run_superb(args.upstream, args.ckpt, args.data, args.tasks, args.profile,
                              args.out, args.upstream_config, args.device, args.seed,
-                             args.threads, args.steps, args.force, jobs=args.jobs)
+                             args.threads, args.steps, args.force, jobs=args.jobs,
+                             lr_grid=parse_floats(args.lr_grid, "--lr-grid") if args.lr_grid else None,
+                             early_stop=args.early_stop, memoize_gib=args.memoize_upstream)
         print(results_markdown(results).split("## Commands")[0].rstrip())
         print(f"wrote {Path(args.out).resolve() / 'results.json'}")
         return 0
 
     p.set_defaults(func=_superb)
+
+
+def parse_floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: give comma-separated numbers, e.g. 1e-3,1e-2") from None

@@ -1,0 +1,203 @@
+"""Running s3prl's own run_downstream.py (`s3prl-ekd downstream`), with what it needs here and two
+opt-in savings that leave s3prl's training itself unchanged:
+
+- `--memoize-upstream GIB`: the upstream is frozen and un-augmented in SUPERB's protocol, so each
+  utterance needs one forward, not one per epoch and per evaluation: its hidden states are kept
+  (up to GIB of them, in memory) and reused. Each utterance is run alone, so its features do not
+  depend on what it is batched with.
+- `--early-stop N`: stop when N evaluations in a row did not improve the dev metric (the expert's
+  own best-checkpoint decision); `early_stop.json` in the experiment folder says when and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import runpy
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from s3prl_ekd.errors import ConfigError
+from s3prl_ekd.io.files import atomic_write_json
+from s3prl_ekd.plugin.runner import installed_s3prl_dir, script_context
+
+EARLY_STOP_NAME = "early_stop.json"
+
+
+def torchcodec_usable() -> bool:
+    try:
+        import torchcodec.decoders  # noqa: F401  (loads FFmpeg's libraries)
+    except Exception:  # not installed, or FFmpeg missing / mismatched: either way unusable
+        return False
+    return True
+
+
+def soundfile_load(uri, frame_offset: int = 0, num_frames: int = -1, normalize: bool = True,
+                   channels_first: bool = True, **_):
+    """torchaudio.load's result, (waveform (C, S) float32, sample rate), read with soundfile."""
+    import soundfile as sf
+
+    stop = None if num_frames < 0 else frame_offset + num_frames
+    data, rate = sf.read(str(uri), start=frame_offset, stop=stop, dtype="float32", always_2d=True)
+    wave = torch.from_numpy(data)
+    return (wave.T.contiguous() if channels_first else wave), rate
+
+
+@contextlib.contextmanager
+def downstream_environment() -> Iterator[None]:
+    """What s3prl's downstream datasets need here, for the duration of the block:
+
+    - on torchaudio >= 2.9 without a usable torchcodec, `torchaudio.load` reads with soundfile
+      (s3prl's datasets only read the wav/flac files `prepare` writes, which soundfile reads);
+    - the voxceleb1 expert caches its file lists in s3prl's own package folder and reuses them
+      whatever the config says: a temporary folder keeps runs apart and site-packages untouched.
+    """
+    import torchaudio
+    from s3prl.downstream.voxceleb1 import dataset as voxceleb1_dataset
+
+    version = tuple(int(x) for x in torchaudio.__version__.split("+")[0].split(".")[:2])
+    saved_load, saved_cache = torchaudio.load, voxceleb1_dataset.CACHE_PATH
+    if version >= (2, 9) and not torchcodec_usable():
+        torchaudio.load = soundfile_load
+    try:
+        with tempfile.TemporaryDirectory(prefix="s3prl-ekd-voxceleb1-cache-") as cache:
+            voxceleb1_dataset.CACHE_PATH = cache + "/"
+            yield
+    finally:
+        torchaudio.load, voxceleb1_dataset.CACHE_PATH = saved_load, saved_cache
+
+
+def _digest(wav: torch.Tensor) -> str:
+    return hashlib.blake2b(wav.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+
+
+class MemoizedUpstream(nn.Module):
+    """A frozen upstream whose hidden states are computed once per utterance (by content) and kept,
+    up to `max_bytes`; the rest is passed through to the wrapped upstream."""
+
+    def __init__(self, upstream: nn.Module, max_bytes: int):
+        super().__init__()
+        self.upstream, self.max_bytes = upstream, max_bytes
+        self.cache: dict[str, list[torch.Tensor]] = {}
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def get_downsample_rates(self, key: str) -> int:
+        return self.upstream.get_downsample_rates(key)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.upstream, name)
+
+    def _states(self, wav: torch.Tensor) -> list[torch.Tensor]:
+        """[L] (T, D) hidden states of one utterance run alone."""
+        key = _digest(wav)
+        if key in self.cache:
+            self.hits += 1
+            return self.cache[key]
+        self.misses += 1
+        states = [h[0].detach() for h in self.upstream([wav])["hidden_states"]]
+        size = sum(h.numel() * h.element_size() for h in states)
+        if self.bytes + size <= self.max_bytes:
+            self.cache[key] = states
+            self.bytes += size
+        return states
+
+    def forward(self, wavs: list[torch.Tensor]) -> dict:
+        """[B] (S_b,) -> {'hidden_states': [L] (B, T_max, D) zero-padded, 'last_hidden_state'}."""
+        per_utterance = [self._states(wav) for wav in wavs]
+        frames = max(states[0].shape[0] for states in per_utterance)
+        hidden = []
+        for layer in range(len(per_utterance[0])):
+            batch = per_utterance[0][layer].new_zeros(len(wavs), frames, per_utterance[0][layer].shape[-1])
+            for i, states in enumerate(per_utterance):
+                batch[i, :states[layer].shape[0]] = states[layer]
+            hidden.append(batch)
+        return {"hidden_states": hidden, "last_hidden_state": hidden[-1]}
+
+
+class EarlyStop(Exception):
+    """Raised out of s3prl's training loop when the dev metric stopped improving."""
+
+
+@contextlib.contextmanager
+def downstream_savings(memoize_gib: float | None, patience: int | None, expdir_of) -> Iterator[None]:
+    """Patch s3prl's downstream Runner (for this process) with memoisation and early stopping."""
+    from s3prl.downstream import runner as downstream_runner
+
+    Runner = downstream_runner.Runner
+    saved = (Runner._get_upstream, Runner.evaluate, downstream_runner.SummaryWriter)
+    writers = []
+
+    class TrackedWriter(downstream_runner.SummaryWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            writers.append(self)
+
+    def get_upstream(self):
+        entry = saved[0](self)
+        if memoize_gib and not entry.trainable:
+            entry.model = MemoizedUpstream(entry.model, int(memoize_gib * 2**30))
+        return entry
+
+    history = {"evaluations": [], "stale": 0}
+
+    def evaluate(self, split=None, logger=None, global_step=0):
+        names = saved[1](self, split, logger, global_step)
+        if patience and logger is not None and global_step:  # during training, not `-m evaluate`
+            improved = any("best" in name for name in names)
+            history["evaluations"].append({"step": global_step, "split": split, "improved": improved})
+            history["stale"] = 0 if improved else history["stale"] + 1
+            if history["stale"] >= patience:
+                raise EarlyStop(global_step)
+        return names
+
+    downstream_runner.SummaryWriter = TrackedWriter
+    Runner._get_upstream = get_upstream
+    Runner.evaluate = evaluate
+    try:
+        yield
+    except EarlyStop as stop:
+        for writer in writers:
+            writer.close()  # what the interrupted training loop would have flushed
+        best = [e["step"] for e in history["evaluations"] if e["improved"]]
+        atomic_write_json(Path(expdir_of()) / EARLY_STOP_NAME, {
+            "stopped_at_step": int(str(stop)), "best_step": best[-1] if best else None, "patience": patience,
+            "evaluations": history["evaluations"]})
+        print(f"[s3prl-ekd] early stop at step {stop}: {patience} evaluations without a better dev metric")
+    finally:
+        Runner._get_upstream, Runner.evaluate, downstream_runner.SummaryWriter = saved
+
+
+def _split_own_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--memoize-upstream", type=float, metavar="GIB")
+    parser.add_argument("--early-stop", type=int, metavar="N")
+    own, rest = parser.parse_known_args(argv)
+    if own.early_stop is not None and own.early_stop < 1:
+        raise ConfigError(f"--early-stop {own.early_stop}: use a number of evaluations >= 1")
+    if own.memoize_upstream is not None and own.memoize_upstream <= 0:
+        raise ConfigError(f"--memoize-upstream {own.memoize_upstream}: use a positive number of GiB")
+    return own, rest
+
+
+def run_downstream(argv: list[str]) -> int:
+    """s3prl's run_downstream.py with `argv` (it runs from any directory), plus our two flags."""
+    import s3prl_ekd.plugin.hub  # noqa: F401  (registers ekd_distiller even without the .pth)
+
+    own, argv = _split_own_flags(argv)
+    expdir = argparse.ArgumentParser(add_help=False)
+    expdir.add_argument("-p", "--expdir")
+    known, _ = expdir.parse_known_args(argv)
+    script = installed_s3prl_dir() / "run_downstream.py"
+    with downstream_environment(), downstream_savings(own.memoize_upstream, own.early_stop, lambda: known.expdir), \
+            script_context(script, argv, cwd=Path.cwd(), path=[script.parent]):
+        runpy.run_path(str(script), run_name="__main__")
+    return 0

@@ -1,0 +1,95 @@
+"""plugin/downstream.py: s3prl's run_downstream.py here: audio without torchcodec, a private file-list
+cache, memoised upstream states and early stopping."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from s3prl_ekd.plugin import downstream
+from s3prl_ekd.plugin.runner import installed_s3prl_dir
+
+
+def test_downstream_environment_reads_audio_with_or_without_torchcodec(tmp_path):
+    import torchaudio
+
+    wave = (0.1 * np.sin(np.arange(8000) / 7)).astype(np.float32)
+    sf.write(tmp_path / "a.flac", wave, 16000, subtype="PCM_16")
+    expected = sf.read(tmp_path / "a.flac", dtype="float32")[0]
+    loaded, rate = downstream.soundfile_load(tmp_path / "a.flac")
+    assert rate == 16000 and loaded.shape == (1, 8000) and loaded.dtype == torch.float32
+    np.testing.assert_array_equal(loaded[0].numpy(), expected)
+    part, _ = downstream.soundfile_load(tmp_path / "a.flac", frame_offset=100, num_frames=50)
+    np.testing.assert_array_equal(part[0].numpy(), expected[100:150])
+    before = torchaudio.load
+    with downstream.downstream_environment():
+        through_torchaudio, rate = torchaudio.load(str(tmp_path / "a.flac"))  # what s3prl's datasets call
+        from s3prl.downstream.voxceleb1 import dataset
+
+        assert not dataset.CACHE_PATH.startswith(str(installed_s3prl_dir()))
+    assert torchaudio.load is before
+    np.testing.assert_allclose(through_torchaudio[0].numpy(), expected, atol=1e-6)
+
+
+def test_memoized_upstream_equals_each_utterance_alone_and_runs_each_once(tiny_teachers, speech_dir):
+    import s3prl.hub
+
+    from s3prl_ekd.io.audio import load_audio
+
+    upstream = s3prl.hub.hubert_local(ckpt=str(tiny_teachers["hubert_a"])).eval()
+    memo = downstream.MemoizedUpstream(upstream, max_bytes=2**30)
+    wavs = [load_audio(p) for p in sorted(speech_dir.glob("*.wav"))[:3]]
+    with torch.no_grad():
+        batch = memo(wavs)["hidden_states"]
+        alone = [upstream([w])["hidden_states"] for w in wavs]
+        again = memo(list(reversed(wavs)))["hidden_states"]
+    assert (memo.misses, memo.hits) == (3, 3)
+    for layer in range(len(batch)):
+        for i, states in enumerate(alone):
+            frames = states[layer].shape[1]
+            torch.testing.assert_close(batch[layer][i, :frames], states[layer][0], rtol=0, atol=0)
+            assert batch[layer][i, frames:].abs().sum() == 0  # zero padding beyond the utterance
+        torch.testing.assert_close(again[layer][0], batch[layer][2, :again[layer].shape[1]])
+    assert memo.get_downsample_rates("hidden_states") == 320
+    capped = downstream.MemoizedUpstream(upstream, max_bytes=0)  # nothing fits: computed every time
+    with torch.no_grad():
+        capped(wavs[:1])
+        capped(wavs[:1])
+    assert (capped.misses, capped.hits, len(capped.cache)) == (2, 0, 0)
+
+
+def test_early_stop_and_memoized_run_through_run_downstream(tmp_path):
+    """ER with fbank, evaluating every step: with --early-stop 2 the run ends before total_steps,
+    says when in early_stop.json, keeps its tensorboard log and dev-best checkpoint."""
+    from conftest import write_yaml
+
+    from s3prl_ekd.demo.corpus import synthesize_corpus
+    from s3prl_ekd.io.events import read_scalars
+    from s3prl_ekd.recipes.layout import prepare_all
+    from s3prl_ekd.recipes.superb import load_prepared, recipe_config
+
+    manifest = synthesize_corpus(tmp_path / "corpus", utterances=40, speakers=4, seed=0, progress=False)
+    prepare_all(manifest, tmp_path / "data")
+    config = recipe_config("er", "cpu-small", load_prepared(tmp_path / "data", "er"), steps=200)
+    config["runner"].update(eval_step=1, log_step=1, save_step=1000)
+    config["optimizer"]["lr"] = 1e-6  # learns nothing: the dev accuracy cannot keep rising
+    recipe = write_yaml(tmp_path / "er.yaml", config)
+    expdir = tmp_path / "exp"
+    proc = subprocess.run([sys.executable, "-m", "s3prl_ekd.cli", "downstream", "-m", "train", "-u", "fbank",
+                           "-d", "emotion", "-c", str(recipe), "-p", str(expdir), "--device", "cpu",
+                           "--early-stop", "2", "--memoize-upstream", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stop = json.loads((expdir / downstream.EARLY_STOP_NAME).read_text())
+    assert stop["stopped_at_step"] < 200 and stop["patience"] == 2
+    assert [e["improved"] for e in stop["evaluations"]][-2:] == [False, False]
+    dev = read_scalars(expdir)["emotion-fold1/dev-acc"]
+    assert [step for step, _ in dev] == [e["step"] for e in stop["evaluations"]]  # the log was flushed
+    assert (expdir / "dev-best.ckpt").is_file()
+    with pytest.raises(Exception, match="--early-stop 0"):
+        downstream._split_own_flags(["--early-stop", "0"])
