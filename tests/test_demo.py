@@ -1,37 +1,54 @@
-"""The demo pipeline at its smallest sizes: every stage runs, then is cached; the report is complete."""
+"""The demo pipeline at its smallest sizes: every stage runs, a rerun answers from disk with the same
+report; the report's intervals and paired verdicts."""
+
+from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from s3prl_ekd.demo.pipeline import DemoConfig, Stages, mean_ranks, run_demo, student_plan, table_rows, verdict
+from s3prl_ekd.demo.pipeline import DemoConfig, comparisons, run_demo, student_plan, table_rows, verdict
 
 
-def test_demo_smoke_and_cache(tmp_path):
-    config = DemoConfig(utterances=40, speakers=4, teacher_steps=3, student_steps=3, superb_steps=2)
+def tiny_config(**overrides) -> DemoConfig:
+    return DemoConfig(**{"utterances": 48, "speakers": 4, "held_out": 0.2, "retrain_teachers": True,
+                         "teacher_steps": 3, "students": ["distil_wavlm", "ekd_average"], "baselines": False,
+                         "student_steps": 3, "superb_steps": 2, "lr_grid": [1e-3], "early_stop": 1,
+                         "bootstrap": 200, "jobs": 2, **overrides})
+
+
+def test_demo_smoke_then_rerun_from_disk(tmp_path):
+    config = tiny_config()
     report = run_demo(config, tmp_path / "out", tmp_path / "data", progress=False)
-    expected_stages = ["corpus", "prepare", "pretrain_audio", "teacher_hubert", "teacher_robust_hubert",
-                       "teacher_wavlm", "student_ekd_average", "superb_ekd_average"]
-    assert report["stages_run"] == expected_stages and report["stages_cached"] == []
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert [row["name"] for row in saved["rows"]] == ["ekd_average"]
-    row = saved["rows"][0]
-    assert row["params"] > 0 and row["mean_rank"] == 1.0
-    assert set(row["metrics"]) == {"pr", "sid", "er", "asr"}
-    assert all(0.0 <= value <= 100.0 for value in row["metrics"].values())
+    assert [row["name"] for row in saved["rows"]] == ["distil_wavlm", "ekd_average"]
+    assert saved["tasks"] == ["pr", "pr_noisy", "sid", "er", "asr"]
+    assert saved["test_utterances"] == 10  # 20% of 48, for each of dev and test
+    for row in saved["rows"]:
+        assert row["params"] > 0
+        for task in saved["tasks"]:
+            low, high = row["interval95"][task]
+            assert low <= row["metrics"][task] <= high
+        assert set(row["downstream_steps"]) == {"pr", "sid", "er", "asr"}
+    assert len(saved["comparisons"]) == 5 and {c["other"] for c in saved["comparisons"]} == {"distil_wavlm"}
+    assert "ekd_average vs the single-teacher students, over 5 (student, task) pairs" in saved["verdict"]
     for name in ("report.md", "loss_curves.png", "metrics.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
-    assert "| ekd_average | EKD student |" in (tmp_path / "out" / "report.md").read_text()
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "| ekd_average | EKD student |" in markdown and "## Verdict" in markdown
 
+    students = tmp_path / "out" / "students"
+    stamps = {p: p.stat().st_mtime_ns for p in [*students.glob("*/states-*.ckpt"),
+                                                 *(tmp_path / "out" / "superb").glob("*/*/task_result.json")]}
+    assert len(stamps) == 2 + 2 * 4
     again = run_demo(config, tmp_path / "out", tmp_path / "data", progress=False)
-    assert again["stages_run"] == [] and again["stages_cached"] == expected_stages
-    assert again["rows"] == report["rows"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing retrained
+    assert again["rows"] == report["rows"] and again["comparisons"] == report["comparisons"]
 
 
-
-def test_full_plan_and_ranks():
-    assert list(student_plan(DemoConfig(full=True))) == [
-        "ekd_average", "distil_hubert", "distil_robust_hubert", "distil_wavlm", "ekd_concat", "ekd_multihead"]
-    config = DemoConfig(full=True)
+def test_full_plan_and_table_order():
+    config = DemoConfig()
+    assert list(student_plan(config)) == ["distil_hubert", "distil_robust_hubert", "distil_wavlm",
+                                          "ekd_average", "ekd_concat", "ekd_multihead"]
     teachers = {k: Path(f"{k}.pt") for k in ("hubert", "robust_hubert", "wavlm")}
     students = {name: Path(f"{name}.ckpt") for name in student_plan(config)}
     assert [(name, kind) for name, _, _, kind in table_rows(config, teachers, students)] == [
@@ -39,33 +56,28 @@ def test_full_plan_and_ranks():
         ("teacher_wavlm", "teacher"), ("distil_hubert", "single-teacher student"),
         ("distil_robust_hubert", "single-teacher student"), ("distil_wavlm", "single-teacher student"),
         ("ekd_average", "EKD student"), ("ekd_concat", "EKD student"), ("ekd_multihead", "EKD student")]
-    assert [row[1] for row in table_rows(config, teachers, students)][:5] == [
-        "fbank", "hubert_local", "hubert_local", "wavlm_local", "ekd_distiller"]
-    rows = [{"name": "ekd_average", "kind": "EKD student", "metrics": {"pr": 10.0, "sid": 50.0}},
-            {"name": "distil_hubert", "kind": "single-teacher student", "metrics": {"pr": 20.0, "sid": 50.0}},
-            {"name": "fbank", "kind": "baseline", "metrics": {"pr": 30.0, "sid": 10.0}}]
-    mean_ranks(rows, ["pr", "sid"])
-    # pr (lower better): 1, 2, 3; sid (higher better, tie shares rank 1): 1, 1, 3
-    assert [r["mean_rank"] for r in rows] == [1.0, 1.5, 3.0]
-    assert "ranks ahead" in verdict(rows)
-    rows[0]["mean_rank"] = 2.0
-    assert "does NOT beat" in verdict(rows) and "ties" not in verdict(rows)
-    rows[0]["mean_rank"] = 1.5
-    assert "does NOT beat the single-teacher students; it ties" in verdict(rows)
 
 
-def test_stage_reruns_when_its_key_or_output_changes(tmp_path):
-    calls = []
+def test_paired_verdicts_separate_only_what_the_data_separates():
+    """EKD right on 90 of 100 SID utterances where the other is right on 50: better; on ER both right
+    on the same 60: not separable; PER twice the errors: worse."""
+    def accuracy(correct):
+        return {f"u{i}": [float(i < correct), 1.0] for i in range(100)}
 
-    def make(path):
-        return lambda: (calls.append(path.name), path.write_text("x"))
+    def errors(count):
+        return {f"u{i}": [float(count), 10.0] for i in range(100)}
 
-    stages = Stages(tmp_path)
-    stages.run("a", "k1", [tmp_path / "a"], make(tmp_path / "a"))
-    stages = Stages(tmp_path)                        # a new process reads stages.json
-    stages.run("a", "k1", [tmp_path / "a"], make(tmp_path / "a"))
-    assert calls == ["a"] and stages.skipped == ["a"]
-    stages.run("a", "k2", [tmp_path / "a"], make(tmp_path / "a"))   # inputs changed
-    (tmp_path / "a").unlink()
-    stages.run("a", "k2", [tmp_path / "a"], make(tmp_path / "a"))   # output lost
-    assert calls == ["a", "a", "a"]
+    def superb(sid, er, pr):
+        return {"runs": {"sid": {"runs": {"sid": {"scores": sid}}}, "er": {"runs": {"fold1": {"scores": er}}},
+                         "pr": {"runs": {"pr": {"scores": pr}}}}}
+
+    results = {"ekd_average": superb(accuracy(90), accuracy(60), errors(4)),
+               "distil_hubert": superb(accuracy(50), accuracy(60), errors(2))}
+    rows = [{"name": "ekd_average", "kind": "EKD student"}, {"name": "distil_hubert", "kind": "single-teacher student"}]
+    pairs = comparisons(rows, results, ["sid", "er", "pr"], DemoConfig(bootstrap=500))
+    by_task = {p["task"]: p for p in pairs}
+    assert by_task["sid"]["verdict"] == "better" and by_task["sid"]["advantage"] == 40.0
+    assert by_task["er"]["verdict"] == "not separable" and by_task["er"]["interval95"] == [0.0, 0.0]
+    assert by_task["pr"]["verdict"] == "worse" and by_task["pr"]["advantage"] == -20.0
+    text = verdict(rows, pairs)
+    assert "better in 1, worse in 1, not separable in 1" in text and "No EKD student beats every" in text

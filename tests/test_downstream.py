@@ -57,6 +57,12 @@ def test_memoized_upstream_equals_each_utterance_alone_and_runs_each_once(tiny_t
             assert batch[layer][i, frames:].abs().sum() == 0  # zero padding beyond the utterance
         torch.testing.assert_close(again[layer][0], batch[layer][2, :again[layer].shape[1]])
     assert memo.get_downsample_rates("hidden_states") == 320
+    shared = downstream.MemoizedUpstream(upstream, max_bytes=2**30, identity="hubert_a")
+    again_shared = downstream.MemoizedUpstream(upstream, max_bytes=2**30, identity="hubert_a")
+    with torch.no_grad():
+        shared(wavs)
+        again_shared(wavs)
+    assert (shared.misses, again_shared.misses, again_shared.hits) == (3, 0, 3)  # a later run reuses them
     capped = downstream.MemoizedUpstream(upstream, max_bytes=0)  # nothing fits: computed every time
     with torch.no_grad():
         capped(wavs[:1])

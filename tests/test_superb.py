@@ -155,3 +155,9 @@ def test_lr_grid_picks_on_dev_and_noisy_pr_is_scored(tmp_path):
     from s3prl_ekd.recipes.scores import percent
 
     assert run["noisy"]["value"] == pytest.approx(percent(run["noisy"]["scores"]), abs=1e-3)
+
+    # Every run in this process, one after another, sharing memoised states: the same numbers.
+    here = superb.run_superb("fbank", None, tmp_path / "data", "pr", "cpu-small", tmp_path / "here", steps=4,
+                             progress=False, lr_grid=[1e-2, 1e-4], early_stop=3, memoize_gib=1.0, in_process=True)
+    assert here["tasks"] == results["tasks"]
+    assert here["runs"]["pr"]["runs"]["pr"]["scores"] == run["scores"]

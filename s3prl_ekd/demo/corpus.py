@@ -125,15 +125,18 @@ def generate_sentences(count: int, seed: int) -> list[str]:
     return list(sentences)
 
 
-def plan_corpus(utterances: int, n_speakers: int, seed: int) -> list[Utterance]:
-    """Which sentence each utterance says, by whom, in which style and split.
+def plan_corpus(utterances: int, n_speakers: int, seed: int, held_out: float = HELD_OUT_FRACTION) -> list[Utterance]:
+    """Which sentence each utterance says, by whom, in which style and split (`held_out` of the
+    utterances for each of dev and test).
 
     Every sentence is spoken once, so the splits have disjoint sentences (ASR/PR); within each
     split the speakers take turns and cycle through the styles, so every speaker appears in every
     split about equally often (SID) and every style is spoken by every speaker (ER).
     """
+    if not 0 < held_out < 0.5:
+        raise UserError(f"--held-out {held_out}: use a fraction between 0 and 0.5 (for each of dev and test)")
     voices = speakers(n_speakers)
-    held_out = max(n_speakers, len(STYLES), round(HELD_OUT_FRACTION * utterances))
+    held_out = max(n_speakers, len(STYLES), round(held_out * utterances))
     n_train = utterances - 2 * held_out
     if n_train < held_out:
         raise UserError(f"--utterances {utterances} is too few for {n_speakers} speakers: dev and "
@@ -207,13 +210,13 @@ def speak(utterance: Utterance, wav_path: Path) -> list[str]:
     return phones
 
 
-def _corpus_info(utterances: int, n_speakers: int, seed: int) -> dict:
+def _corpus_info(utterances: int, n_speakers: int, seed: int, held_out: float = HELD_OUT_FRACTION) -> dict:
     generator = json.dumps([WORDS, TEMPLATES, VARIANTS, ACCENTS, STRESS_MARKS,
                             sorted(NON_PHONE_TOKENS)], sort_keys=True)
     return {"generator_version": GENERATOR_VERSION,
             "generator_sha256": hashlib.sha256(generator.encode()).hexdigest(),
             "utterances": utterances,
-            "speakers": n_speakers, "seed": seed, "sample_rate": SAMPLE_RATE,
+            "speakers": n_speakers, "seed": seed, "held_out": held_out, "sample_rate": SAMPLE_RATE,
             "espeak": espeak_version(),
             "styles": [asdict(style) for style in STYLES]}
 
@@ -237,7 +240,8 @@ def corpus_state(out: Path, info: dict) -> str:
 
 
 def synthesize_corpus(out: str | os.PathLike, utterances: int, speakers: int, seed: int = 0,
-                      workers: int | None = None, progress: bool = True, force: bool = False) -> Path:
+                      workers: int | None = None, progress: bool = True, force: bool = False,
+                      held_out: float = HELD_OUT_FRACTION) -> Path:
     """Write the corpus to `out` and return the manifest path.
 
     Deterministic for (utterances, speakers, seed): if `out` already holds that very corpus, nothing
@@ -249,7 +253,7 @@ def synthesize_corpus(out: str | os.PathLike, utterances: int, speakers: int, se
 
     out = Path(out).resolve()
     check_espeak()
-    info = _corpus_info(utterances, speakers, seed)
+    info = _corpus_info(utterances, speakers, seed, held_out)
     state = corpus_state(out, info)
     if state == "complete":
         return out / MANIFEST_NAME
@@ -258,7 +262,7 @@ def synthesize_corpus(out: str | os.PathLike, utterances: int, speakers: int, se
                  else "files that `s3prl-ekd corpus synth` did not write")
         raise UserError(f"{out}: holds {holds}; choose another folder or pass --force to replace "
                         "the corpus there; nothing was changed")
-    plan = plan_corpus(utterances, speakers, seed)
+    plan = plan_corpus(utterances, speakers, seed, held_out)
     # Start again, in the files we write only; corpus.json says so first, so that an interrupted
     # synthesis is recognised as ours and redone.
     out.mkdir(parents=True, exist_ok=True)
@@ -296,15 +300,16 @@ def register_cli(subparsers) -> None:
     p.add_argument("--speakers", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="parallel espeak-ng calls")
+    p.add_argument("--held-out", type=float, default=HELD_OUT_FRACTION, help="fraction for each of dev and test")
     p.add_argument("--force", action="store_true", help="replace another corpus (or other files) in OUT")
 
     def _synth(args) -> int:
-        info = _corpus_info(args.utterances, args.speakers, args.seed)
+        info = _corpus_info(args.utterances, args.speakers, args.seed, args.held_out)
         if corpus_state(Path(args.out).resolve(), info) == "complete":
             print(f"{Path(args.out) / MANIFEST_NAME}: up to date (same utterances, speakers and seed)")
             return 0
         manifest = synthesize_corpus(args.out, args.utterances, args.speakers, args.seed,
-                                     workers=args.workers, force=args.force)
+                                     workers=args.workers, force=args.force, held_out=args.held_out)
         print(f"wrote {manifest}")
         return 0
 

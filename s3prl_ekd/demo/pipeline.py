@@ -1,7 +1,14 @@
 """The paper's experiment in miniature, end to end on CPU: `make demo` / `s3prl-ekd demo`.
 
-Stages (each cached under the output folder and skipped when its inputs are unchanged):
-corpus -> prepare -> teachers -> students -> superb -> report.
+corpus -> prepare (with a noisy PR test copy) -> teachers (shipped, or --retrain-teachers) ->
+one teacher-target store -> single-teacher and EKD students (two at a time) -> SUPERB tasks for
+every upstream (learning rates picked on dev, early stopping, memoised upstream states) ->
+report with bootstrap intervals and paired-bootstrap verdicts.
+
+Every stage is an idempotent call keyed by its own inputs (the corpus by its parameters, prepare
+and superb by the content of their inputs and recipes, the store by teachers and audio, a student
+by its whole model and runner config): re-running answers from disk what has not changed, and
+an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,13 +27,17 @@ import yaml
 
 from s3prl_ekd.core.student import ekd_student_demo
 from s3prl_ekd.errors import UserError
-from s3prl_ekd.io.files import fingerprint
+from s3prl_ekd.io.files import atomic_write_json, atomic_write_text, claim_out, fingerprint, refuse_foreign_out
 from s3prl_ekd.io.resources import pretrain_config
 
 TEACHER_KINDS = ("hubert", "robust_hubert", "wavlm")
 TEACHER_HUB = {"hubert": "hubert_local", "robust_hubert": "hubert_local", "wavlm": "wavlm_local"}
-TASK_METRICS = {"pr": ("per", "PER", False), "sid": ("acc", "SID acc", True),
-                "er": ("acc", "ER acc", True), "asr": ("wer", "WER", False)}  # (key, label, higher is better)
+SHIPPED_TEACHERS = "teachers"  # pretrain_configs/teachers/<kind>.pt, see its README.md
+# (metric key, column label, higher is better) per reported column; pr_noisy: PR's model, noisy test audio.
+TASK_METRICS = {"pr": ("per", "PER", False), "pr_noisy": ("per", "PER noisy", False),
+                "sid": ("acc", "SID acc", True), "er": ("acc", "ER acc", True), "asr": ("wer", "WER", False)}
+TRAINED_TASKS = ("pr", "sid", "er", "asr")
+MARKER_NAME = ".s3prl_ekd_demo"
 
 
 @dataclass
@@ -33,111 +45,163 @@ class DemoConfig:
     """Sizes of the miniature; the defaults fit `make demo` in about 20 minutes on 2 cores."""
 
     seed: int = 0
-    utterances: int = 1000
+    utterances: int = 2000
     speakers: int = 12
-    teacher_steps: int = 200
+    held_out: float = 0.2            # of the utterances, for each of dev and test (400 test utterances)
+    noisy_snr_db: float = 5.0        # PR's noisy test copy
+    retrain_teachers: bool = False   # train the teachers here instead of using the shipped ones
+    teacher_steps: int | None = None  # with retrain_teachers: override the recipe's steps
     student_steps: int = 300
     student_batch_size: int = 8
     student_crop_samples: int = 32000
-    full: bool = False            # all single-teacher baselines + three EKD students, every upstream benchmarked
+    students: list[str] = field(default_factory=lambda: ["distil_hubert", "distil_robust_hubert", "distil_wavlm",
+                                                         "ekd_average", "ekd_concat", "ekd_multihead"])
+    baselines: bool = True          # the fbank and teacher rows (tests leave them out)
     profile: str = "cpu-small"
     superb_steps: int | None = None  # downstream training steps; None = the profile's own (tests use a few)
-    student_dims: dict = field(default_factory=lambda: dataclasses.asdict(ekd_student_demo()))
+    lr_grid: list[float] = field(default_factory=lambda: [1e-3, 1e-2])
+    early_stop: int = 3
+    memoize_gib: float = 2.0
+    bootstrap: int = 2000            # resamples of the test utterances
+    jobs: int = 2                    # students / upstreams trained at once (one thread each)
+    full: bool = False
 
 
-def _key(*parts) -> str:
-    return fingerprint(*parts)[:16]
-
-
-class Stages:
-    """Remembers finished stages in `out/stages.json` as {name: key}; a stage reruns when its key changes."""
-
-    def __init__(self, out: Path):
-        self.path = out / "stages.json"
-        self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.ran: list[str] = []
-        self.skipped: list[str] = []
-
-    def run(self, name: str, key: str, outputs: list[Path], fn):
-        if self.done.get(name) == key and all(Path(p).exists() for p in outputs):
-            self.skipped.append(name)
-            print(f"[demo] {name}: cached")
-            return
-        print(f"[demo] {name}: running")
-        started = time.perf_counter()
-        fn()
-        missing = [str(p) for p in outputs if not Path(p).exists()]
-        if missing:
-            raise RuntimeError(f"demo stage {name} did not produce {missing}")
-        self.done[name] = key
-        self.ran.append(name)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.done, indent=1) + "\n")
-        os.replace(tmp, self.path)
-        print(f"[demo] {name}: done in {time.perf_counter() - started:.0f} s")
+def full_config(**overrides) -> DemoConfig:
+    """`make demo FULL=1`: the larger version: more data, longer student training, more downstream steps."""
+    return DemoConfig(**{"utterances": 4000, "student_steps": 1000, "superb_steps": None,
+                         "lr_grid": [1e-4, 1e-3, 1e-2], "early_stop": 5, "full": True, **overrides})
 
 
 def student_plan(config: DemoConfig) -> dict[str, tuple[list[str], str]]:
     """Student name -> (teacher kinds, aggregation)."""
-    plan = {"ekd_average": (list(TEACHER_KINDS), "layerwise_average")}
-    if config.full:
-        plan.update({f"distil_{kind}": ([kind], "layerwise_average") for kind in TEACHER_KINDS})
-        plan.update({"ekd_concat": (list(TEACHER_KINDS), "layerwise_concat"),
-                     "ekd_multihead": (list(TEACHER_KINDS), "multi_head")})
-    return plan
+    every = {f"distil_{kind}": ([kind], "layerwise_average") for kind in TEACHER_KINDS}
+    every.update({"ekd_average": (list(TEACHER_KINDS), "layerwise_average"),
+                  "ekd_concat": (list(TEACHER_KINDS), "layerwise_concat"),
+                  "ekd_multihead": (list(TEACHER_KINDS), "multi_head")})
+    unknown = [name for name in config.students if name not in every]
+    if unknown:
+        raise UserError(f"--students {','.join(unknown)}: use some of {', '.join(every)}")
+    return {name: every[name] for name in config.students}
+
+
+def student_kind(name: str) -> str:
+    return "EKD student" if name.startswith("ekd") else "single-teacher student"
 
 
 def table_rows(config: DemoConfig, teachers: dict[str, Path], students: dict[str, Path]) -> list[tuple]:
-    """(name, s3prl upstream, checkpoint, kind) per row, in the paper's order: fbank and the teachers
-    (FULL only), the single-teacher students, then the EKD students."""
+    """(name, s3prl upstream, checkpoint, kind) per row, in the paper's order: fbank and the teachers,
+    the single-teacher students, then the EKD students."""
     rows = []
-    if config.full:
+    if config.baselines:
         rows.append(("fbank", "fbank", None, "baseline"))
         rows += [(f"teacher_{k}", TEACHER_HUB[k], teachers[k], "teacher") for k in TEACHER_KINDS]
-    rows += [(n, "ekd_distiller", c, "single-teacher student") for n, c in students.items() if not n.startswith("ekd")]
-    rows += [(n, "ekd_distiller", c, "EKD student") for n, c in students.items() if n.startswith("ekd")]
+    rows += [(n, "ekd_distiller", c, student_kind(n)) for n, c in students.items() if not n.startswith("ekd")]
+    rows += [(n, "ekd_distiller", c, student_kind(n)) for n, c in students.items() if n.startswith("ekd")]
     return rows
 
 
-def pretrain_student(name: str, kinds: list[str], aggregation: str, teachers: dict[str, Path],
-                     audio_dir: Path, work: Path, config: DemoConfig) -> Path:
-    """Distil one student with `s3prl-ekd pretrain` (s3prl's runner); returns its final checkpoint."""
-    model = {"teachers": [{"name": TEACHER_HUB[k], "ckpt": str(teachers[k])} for k in kinds],
-             "aggregation": aggregation,
-             "student": config.student_dims}
+# -- stages ---------------------------------------------------------------------------------------
+
+def shipped_teachers() -> dict[str, Path]:
+    return {kind: pretrain_config(f"{SHIPPED_TEACHERS}/{kind}.pt") for kind in TEACHER_KINDS}
+
+
+def retrained_teachers(config: DemoConfig, train_audio: list[Path], folder: Path, progress: bool) -> dict[str, Path]:
+    """The three teachers trained here with the recipe of the shipped ones (idempotent per recipe and audio)."""
+    from s3prl_ekd.demo.teacher_training import train_teacher
+
+    audio_key = fingerprint([(str(p), p.stat().st_size) for p in train_audio])
+    out = {}
+    for kind in TEACHER_KINDS:
+        path = folder / f"{kind}.pt"
+        overrides = {"steps": config.teacher_steps} if config.teacher_steps else {}
+        key = fingerprint(kind, audio_key, config.seed, overrides)
+        key_file = path.with_suffix(".key")
+        if not (path.is_file() and key_file.is_file() and key_file.read_text() == key):
+            train_teacher(kind, train_audio, path, seed=config.seed, progress=progress, **overrides)
+            atomic_write_text(key_file, key)
+        out[kind] = path
+    return out
+
+
+def model_config(kinds: list[str], aggregation: str, teachers: dict[str, Path]) -> dict:
+    """Teachers' layers left to the default (three evenly spaced, ending at the last), as in the store."""
+    return {"teachers": [{"name": TEACHER_HUB[k], "ckpt": str(teachers[k])} for k in kinds],
+            "aggregation": aggregation, "student": asdict(ekd_student_demo())}
+
+
+def build_store(config: DemoConfig, teachers: dict[str, Path], audio_dir: Path, work: Path) -> Path:
+    """One bfloat16 store of the three teachers over the training audio: every student reads it."""
+    from s3prl_ekd.plugin.targets import build_store as build
+
     work.mkdir(parents=True, exist_ok=True)
-    model_path = work / f"{name}.yaml"
-    model_path.write_text(yaml.safe_dump(model, sort_keys=False))
-    steps = config.student_steps
-    overrides = ",,".join([
-        f"config.pretrain_expert.datarc.audio_dir={audio_dir}",
-        f"config.pretrain_expert.datarc.train_batch_size={config.student_batch_size}",
-        f"config.pretrain_expert.datarc.sequence_length={config.student_crop_samples}",
-        f"config.runner.total_steps={steps}", f"config.runner.save_step={max(1, steps - 1)}",
-        f"config.runner.log_step={max(1, steps // 50)}", "config.runner.max_keep=1",
-    ])
-    command = [sys.executable, "-m", "s3prl_ekd.cli", "pretrain", "-u", "ekd_distiller", "-g", str(model_path),
-               "-c", str(pretrain_config("tiny_cpu_runner.yaml")), "-n", name,
-               "-p", str(work / name), "--device", "cpu", "--seed", str(config.seed), "-o", overrides, "--force"]
-    log = work / f"{name}.log"
-    with open(log, "w") as handle:
-        proc = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise UserError(f"pretraining {name} failed; see {log}")
-    return final_checkpoint(work / name)
+    model = work / "store_teachers.yaml"
+    atomic_write_text(model, yaml.safe_dump(model_config(list(TEACHER_KINDS), "multi_head", teachers)))
+    store = work / "targets"
+    build(model, str(audio_dir), store, dtype="bfloat16", log=lambda line: print(line))
+    return store
 
 
-def final_checkpoint(expdir: Path) -> Path:
+def pretrain_student(name: str, kinds: list[str], aggregation: str, teachers: dict[str, Path], audio_dir: Path,
+                     store: Path, work: Path, config: DemoConfig) -> Path:
+    """Distil one student from the store with `s3prl-ekd pretrain` (s3prl's runner); idempotent per its
+    whole configuration. Returns its final checkpoint."""
     from s3prl_ekd.io.checkpoint import newest_checkpoint
 
-    found = newest_checkpoint(expdir)
-    if found is None:
-        raise UserError(f"{expdir}: no checkpoint was written")
-    return found
+    work.mkdir(parents=True, exist_ok=True)
+    model = model_config(kinds, aggregation, teachers)
+    steps = config.student_steps
+    overrides = [f"config.pretrain_expert.datarc.audio_dir={audio_dir}",
+                 f"config.pretrain_expert.datarc.targets={store}",
+                 f"config.pretrain_expert.datarc.train_batch_size={config.student_batch_size}",
+                 f"config.pretrain_expert.datarc.sequence_length={config.student_crop_samples}",
+                 f"config.runner.total_steps={steps}", f"config.runner.save_step={max(1, steps - 1)}",
+                 f"config.runner.log_step={max(1, steps // 50)}", "config.runner.max_keep=1"]
+    expdir = work / name
+    store_index = json.loads((store / "index.json").read_text())
+    key = fingerprint(model, overrides, config.seed, store_index["teachers"], store_index["utterances"])
+    key_file = work / f"{name}.key"
+    found = newest_checkpoint(expdir) if expdir.is_dir() else None
+    if found is not None and key_file.is_file() and key_file.read_text() == key:
+        return found
+    model_path = atomic_write_text(work / f"{name}.yaml", yaml.safe_dump(model, sort_keys=False))
+    command = [sys.executable, "-m", "s3prl_ekd.cli", "pretrain", "-u", "ekd_distiller", "-g", str(model_path),
+               "-c", str(pretrain_config("tiny_cpu_runner.yaml")), "-n", name, "-p", str(expdir), "--device", "cpu",
+               "--seed", str(config.seed), "-o", ",,".join(overrides), "--force"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(work / f"{name}.log", "w") as log:
+        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise UserError(f"pretraining {name} failed; see {work / f'{name}.log'}")
+    atomic_write_text(key_file, key)
+    return newest_checkpoint(expdir)
+
+
+def superb_upstream(upstream: str, ckpt: Path | None, data: Path, out: Path, config: DemoConfig) -> dict:
+    """`s3prl-ekd superb` for one upstream in its own process, every task and learning rate run there one
+    after another, sharing the memoised upstream states (idempotent per task: superb's own keys)."""
+    command = [sys.executable, "-m", "s3prl_ekd.cli", "superb", "-u", upstream, "--data", str(data),
+               "--tasks", ",".join(TRAINED_TASKS), "--profile", config.profile, "--out", str(out),
+               "--seed", str(config.seed), "--threads", "1", "--in-process", "--device", "cpu",
+               "--lr-grid", ",".join(f"{lr:g}" for lr in config.lr_grid), "--early-stop", str(config.early_stop),
+               "--memoize-upstream", str(config.memoize_gib)]
+    if ckpt is not None:
+        command += ["-k", str(ckpt)]
+    if config.superb_steps is not None:
+        command += ["--steps", str(config.superb_steps)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    log = out.parent / f"{out.name}.log"
+    with open(log, "w") as handle:
+        proc = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise UserError(f"superb for {upstream} ({ckpt or 'no checkpoint'}) failed; see {log}")
+    return json.loads((out / "results.json").read_text())
 
 
 def count_parameters(upstream: str, ckpt: Path | None) -> int:
-    """Parameters of the model that `upstream` builds from `ckpt` (0 for fbank)."""
+    """Parameters of the model `upstream` builds from `ckpt` for downstream use (0 for fbank)."""
     if ckpt is None:
         return 0
     import s3prl.hub
@@ -148,54 +212,110 @@ def count_parameters(upstream: str, ckpt: Path | None) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def mean_ranks(rows: list[dict], tasks: list[str]) -> None:
-    """Add `mean_rank` (1 = best, ties share the better rank) over the tasks each row has."""
-    for row in rows:
-        ranks = []
+# -- report ---------------------------------------------------------------------------------------
+
+def task_scores(results: dict, task: str) -> dict:
+    """Per-utterance test scores of `task` in a superb results dir's runs (pr_noisy: PR's noisy test)."""
+    if task == "pr_noisy":
+        return results["runs"]["pr"]["runs"]["pr"]["noisy"]["scores"]
+    (run,) = results["runs"][task]["runs"].values()  # the demo runs one ER fold
+    return run["scores"]
+
+
+def report_rows(rows: list[tuple], superb: dict[str, dict], tasks: list[str], config: DemoConfig) -> list[dict]:
+    from s3prl_ekd.recipes.scores import bootstrap_interval, percent
+
+    out = []
+    for name, upstream, ckpt, kind in rows:
+        results = superb[name]
+        metrics, intervals, steps, rates = {}, {}, {}, {}
         for task in tasks:
-            key, _, higher = TASK_METRICS[task]
-            value = row["metrics"].get(task)
-            others = [r["metrics"][task] for r in rows if r["metrics"].get(task) is not None]
-            if value is not None:
-                ranks.append(1 + sum((o > value) if higher else (o < value) for o in others))
-        row["mean_rank"] = round(sum(ranks) / len(ranks), 2) if ranks else None
+            scores = task_scores(results, task)
+            metrics[task] = round(percent(scores), 2)
+            intervals[task] = [round(v, 2) for v in bootstrap_interval(scores, config.bootstrap, config.seed)]
+            if task in results["runs"]:
+                steps[task], rates[task] = results["runs"][task]["steps"][0], results["runs"][task]["lr"][0]
+        out.append({"name": name, "upstream": upstream, "kind": kind, "ckpt": str(ckpt) if ckpt else None,
+                    "params": count_parameters(upstream, ckpt), "metrics": metrics, "interval95": intervals,
+                    "downstream_steps": steps, "downstream_lr": rates})
+    return out
+
+
+def comparisons(rows: list[dict], superb: dict[str, dict], tasks: list[str], config: DemoConfig) -> list[dict]:
+    """Every EKD student against every single-teacher student and every teacher, per task: the paired
+    bootstrap difference (positive = the EKD student is better) and whether its interval holds 0."""
+    from s3prl_ekd.recipes.scores import paired_difference
+
+    out = []
+    ekd = [r["name"] for r in rows if r["kind"] == "EKD student"]
+    others = [r["name"] for r in rows if r["kind"] in ("single-teacher student", "teacher")]
+    for a in ekd:
+        for b in others:
+            for task in tasks:
+                higher = TASK_METRICS[task][2]
+                diff, low, high = paired_difference(task_scores(superb[a], task), task_scores(superb[b], task),
+                                                    config.bootstrap, config.seed)
+                sign = 1 if higher else -1  # errors: lower is better
+                better, lo, hi = sign * diff, *sorted((sign * low, sign * high))
+                verdict = "better" if lo > 0 else "worse" if hi < 0 else "not separable"
+                out.append({"ekd": a, "other": b, "task": task, "advantage": round(better, 2),
+                            "interval95": [round(lo, 2), round(hi, 2)], "verdict": verdict})
+    return out
+
+
+def verdict(rows: list[dict], pairs: list[dict]) -> str:
+    """What the table says about EKD vs single-teacher distillation, counting only separable differences."""
+    ekd = [r["name"] for r in rows if r["kind"] == "EKD student"]
+    single = [r["name"] for r in rows if r["kind"] == "single-teacher student"]
+    if not ekd or not single:
+        return "The comparison needs at least one EKD and one single-teacher student."
+    lines = []
+    for name in ekd:
+        against = [p for p in pairs if p["ekd"] == name and p["other"] in single]
+        counts = {v: sum(p["verdict"] == v for p in against) for v in ("better", "worse", "not separable")}
+        lines.append(f"{name} vs the single-teacher students, over {len(against)} (student, task) pairs: better in "
+                     f"{counts['better']}, worse in {counts['worse']}, not separable in {counts['not separable']} "
+                     "(paired bootstrap, 95%)")
+    beat_all = [n for n in ekd if all(p["verdict"] == "better" for p in pairs if p["ekd"] == n and p["other"] in single)]
+    if beat_all:
+        lines.append(f"{', '.join(beat_all)} beat every single-teacher student on every task.")
+    else:
+        lines.append("No EKD student beats every single-teacher student on every task: EKD is not shown better than "
+                     "single-teacher distillation on this miniature, where differences are not separable it is not "
+                     "shown worse either.")
+    return "\n".join(f"- {line}" for line in lines)
 
 
 def report_markdown(report: dict) -> str:
-    tasks = report["tasks"]
+    tasks, config = report["tasks"], report["config"]
     head = "| upstream | kind | params | " + " | ".join(
-        TASK_METRICS[t][1] + (" ↑" if TASK_METRICS[t][2] else " ↓") for t in tasks) + " | mean rank |"
-    lines = [f"# EKD demo (seed {report['config']['seed']}, {report['config']['utterances']} synthetic utterances, "
-             f"profile {report['config']['profile']})", "", head, "|" + "---|" * (len(tasks) + 4)]
+        TASK_METRICS[t][1] + (" ↑" if TASK_METRICS[t][2] else " ↓") for t in tasks) + " |"
+    lines = [f"# EKD demo (seed {config['seed']}, {config['utterances']} synthetic utterances, "
+             f"profile {config['profile']})", "", head, "|" + "---|" * (len(tasks) + 3)]
     for row in report["rows"]:
-        cells = [f"{row['metrics'][t]:.2f}" if row["metrics"].get(t) is not None else "–" for t in tasks]
-        lines.append(f"| {row['name']} | {row['kind']} | {row['params'] / 1e6:.2f}M | " + " | ".join(cells)
-                     + f" | {row['mean_rank']} |")
-    lines += ["", "Metrics in % on the synthetic test split (PER, WER: lower is better; accuracies: higher).",
-              "", report["verdict"], "", "Figures: `loss_curves.png`, `metrics.png`. Exact commands: each "
-              "upstream's `superb/<name>/results.json`."]
+        cells = [f"{row['metrics'][t]:.1f} [{row['interval95'][t][0]:.1f}, {row['interval95'][t][1]:.1f}]"
+                 for t in tasks]
+        lines.append(f"| {row['name']} | {row['kind']} | {row['params'] / 1e6:.2f}M | " + " | ".join(cells) + " |")
+    lines += ["", f"Test split, % with 95% bootstrap intervals over the {report['test_utterances']} test utterances "
+              f"({config['bootstrap']} resamples). PER noisy: the PR model on the test audio with white noise at "
+              f"{config['noisy_snr_db']:g} dB SNR. Downstream learning rates picked on dev from {config['lr_grid']}, "
+              f"training stopped after {config['early_stop']} evaluations without a better dev metric.", "",
+              "## Verdict", "", report["verdict"], "",
+              "## EKD students vs single-teacher students (paired bootstrap)", "",
+              "| EKD | vs | task | advantage (points) | 95% interval | verdict |", "|---|---|---|---|---|---|"]
+    for p in report["comparisons"]:
+        if p["other"].startswith("distil_"):
+            lines.append(f"| {p['ekd']} | {p['other']} | {p['task']} | {p['advantage']:+.2f} | "
+                         f"[{p['interval95'][0]:+.2f}, {p['interval95'][1]:+.2f}] | {p['verdict']} |")
+    lines += ["", "## Downstream training (steps until dev stopped improving; learning rate chosen on dev)", "",
+              "| upstream | " + " | ".join(TRAINED_TASKS) + " |", "|---|" + "---|" * len(TRAINED_TASKS)]
+    for row in report["rows"]:
+        lines.append(f"| {row['name']} | " + " | ".join(
+            f"{row['downstream_steps'][t]} @ {row['downstream_lr'][t]:g}" for t in TRAINED_TASKS) + " |")
+    lines += ["", "## Stage times (s)", ""] + [f"- {k}: {v:.0f}" for k, v in report["stage_seconds"].items()]
+    lines += ["", "Figures: `metrics.png` (every upstream per task, with intervals), `loss_curves.png`. Exact "
+              "commands: each upstream's `superb/<name>/results.json`."]
     return "\n".join(lines) + "\n"
-
-
-def verdict(rows: list[dict]) -> str:
-    """One honest sentence: does an EKD student beat the single-teacher students here?"""
-    ekd = [r for r in rows if r["kind"] == "EKD student"]
-    single = [r for r in rows if r["kind"] == "single-teacher student"]
-    if not ekd or not single:
-        return ("Only the default EKD student was distilled and benchmarked; `make demo FULL=1` adds fbank, "
-                "the three teachers and the single-teacher students, which the comparison needs.")
-    best_ekd = min(ekd, key=lambda r: r["mean_rank"])
-    best_single = min(single, key=lambda r: r["mean_rank"])
-    if best_ekd["mean_rank"] < best_single["mean_rank"]:
-        return (f"On this miniature, the best EKD student ({best_ekd['name']}, mean rank {best_ekd['mean_rank']}) "
-                f"ranks ahead of the best single-teacher student ({best_single['name']}, {best_single['mean_rank']}).")
-    if best_ekd["mean_rank"] == best_single["mean_rank"]:
-        return (f"On this miniature, EKD does NOT beat the single-teacher students; it ties: best EKD student "
-                f"{best_ekd['name']} and best single-teacher student {best_single['name']} both have mean rank "
-                f"{best_ekd['mean_rank']}.")
-    return (f"On this miniature, EKD does NOT beat the single-teacher students: best EKD student "
-            f"{best_ekd['name']} has mean rank {best_ekd['mean_rank']}, best single-teacher student "
-            f"{best_single['name']} {best_single['mean_rank']}.")
 
 
 def plot_figures(report: dict, out: Path, curves: dict[str, list[tuple[int, float]]]) -> None:
@@ -212,122 +332,137 @@ def plot_figures(report: dict, out: Path, curves: dict[str, list[tuple[int, floa
     axes[1].set_title("students: distillation loss")
     for ax in axes:
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=100)
     plt.close(fig)
 
-    tasks = report["tasks"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 4))
-    names = [r["name"] for r in report["rows"]]
-    for ax, task in zip(axes if len(tasks) > 1 else [axes], tasks):
-        values = [r["metrics"].get(task) or 0.0 for r in report["rows"]]
-        ax.bar(range(len(names)), values, color="tab:blue")
-        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-        ax.set_title(f"{TASK_METRICS[task][1]} (%)")
+    tasks, rows = report["tasks"], report["rows"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 4.2))
+    colors = {"baseline": "tab:gray", "teacher": "tab:green", "single-teacher student": "tab:blue",
+              "EKD student": "tab:red"}
+    for ax, task in zip(axes, tasks):
+        values = [r["metrics"][task] for r in rows]
+        low = [v - r["interval95"][task][0] for v, r in zip(values, rows)]
+        high = [r["interval95"][task][1] - v for v, r in zip(values, rows)]
+        ax.bar(range(len(rows)), values, yerr=[low, high], capsize=2, color=[colors[r["kind"]] for r in rows])
+        ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=70, ha="right", fontsize=7)
+        ax.set_title(f"{TASK_METRICS[task][1]} (%, 95% CI)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=100)
     plt.close(fig)
 
 
-def run_demo(config: DemoConfig, out: str | os.PathLike = "results/demo",
-             data: str | os.PathLike = "data/demo", progress: bool = True) -> dict:
-    """Run every stage (skipping cached ones) and write report.md / report.json; returns the report."""
+# -- the pipeline ---------------------------------------------------------------------------------
+
+def _parallel(jobs: int, calls: dict):
+    """Run {name: fn} with `jobs` at a time; results by name; the first error stops what has not started."""
+    results = {}
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {name: pool.submit(fn) for name, fn in calls.items()}
+        try:
+            for name, future in futures.items():
+                results[name] = future.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return results
+
+
+def run_demo(config: DemoConfig, out: str | os.PathLike = "results/demo", data: str | os.PathLike = "data/demo",
+             progress: bool = True, force: bool = False) -> dict:
+    """Run every stage (answering from disk what is up to date) and write report.md / report.json."""
+    import torch
+
     from s3prl_ekd.demo.corpus import synthesize_corpus
-    from s3prl_ekd.demo.teacher_training import loss_curve_path, train_teacher
+    from s3prl_ekd.demo.teacher_training import loss_curve_path
     from s3prl_ekd.io.events import read_scalars
     from s3prl_ekd.recipes.layout import prepare_all
-    from s3prl_ekd.recipes.superb import run_superb
 
     out, data = Path(out).resolve(), Path(data).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(out)
-    tasks = list(TASK_METRICS)
+    refuse_foreign_out(out, MARKER_NAME, "s3prl-ekd demo", force)
+    # One thread here: the stages that run beside this process (students, superb) take one each, and
+    # torch's threads slow each other down badly on contended cores.
+    torch.set_num_threads(1)
+    plan = student_plan(config)
+    claim_out(out, MARKER_NAME, "s3prl-ekd demo")
+    seconds: dict[str, float] = {}
+
+    def stage(name: str, fn):
+        print(f"[demo] {name} ...", flush=True)
+        started = time.perf_counter()
+        result = fn()
+        seconds[name] = round(time.perf_counter() - started, 1)
+        print(f"[demo] {name}: {seconds[name]:.0f} s", flush=True)
+        return result
 
     corpus_dir = data / f"corpus-seed{config.seed}-n{config.utterances}-s{config.speakers}"
-    manifest = corpus_dir / "manifest.jsonl"
-    corpus_key = _key(config.seed, config.utterances, config.speakers)
-    stages.run("corpus", corpus_key, [manifest], lambda: synthesize_corpus(
-        corpus_dir, config.utterances, config.speakers, seed=config.seed, progress=progress))
-
-    superb_data = data / f"superb-{corpus_key}"
-    stages.run("prepare", corpus_key, [superb_data], lambda: prepare_all(manifest, superb_data, progress=progress))
-
+    manifest = stage("corpus", lambda: synthesize_corpus(corpus_dir, config.utterances, config.speakers,
+                                                         seed=config.seed, progress=progress, held_out=config.held_out))
+    superb_data = data / "superb"
+    stage("prepare", lambda: prepare_all(manifest, superb_data, progress=progress, noisy_snr_db=config.noisy_snr_db))
     rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
     train_audio = [corpus_dir / r["audio"] for r in rows if r["split"] == "train"]
-    audio_dir = data / f"pretrain-audio-{corpus_key}"   # the unlabeled training split, as links
+    test_utterances = sum(r["split"] == "test" for r in rows)
+    audio_dir = data / "train-audio"  # the unlabeled training split, as links
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    for path in train_audio:
+        if not (audio_dir / path.name).exists():
+            (audio_dir / path.name).symlink_to(path)
 
-    def link_audio():
-        audio_dir.mkdir(parents=True, exist_ok=True)
-        for path in train_audio:
-            target = audio_dir / path.name
-            if not target.exists():
-                target.symlink_to(path)
-
-    stages.run("pretrain_audio", corpus_key, [audio_dir], link_audio)
-
-    teacher_dir = out / "teachers"
-    teachers = {kind: teacher_dir / f"{kind}.pt" for kind in TEACHER_KINDS}
-    for kind in TEACHER_KINDS:
-        key = _key(corpus_key, kind, config.teacher_steps, config.seed)
-        stages.run(f"teacher_{kind}", key, [teachers[kind]], lambda kind=kind: train_teacher(
-            kind, train_audio, teachers[kind], steps=config.teacher_steps, seed=config.seed, progress=progress))
-
-    student_dir = out / "students"
-    students = {}
-    for name, (kinds, aggregation) in student_plan(config).items():
-        key = _key(corpus_key, [stages.done.get(f"teacher_{k}") for k in kinds], aggregation,
-                   config.student_steps, config.student_batch_size, config.student_crop_samples,
-                   config.student_dims, config.seed)
-        expdir = student_dir / name
-        stages.run(f"student_{name}", key, [expdir], lambda n=name, k=kinds, a=aggregation: pretrain_student(
-            n, k, a, teachers, audio_dir, student_dir, config))
-        students[name] = final_checkpoint(expdir)
+    if config.retrain_teachers:
+        teachers = stage("teachers", lambda: retrained_teachers(config, train_audio, out / "teachers", progress))
+    else:
+        teachers = shipped_teachers()
+    store = stage("target_store", lambda: build_store(config, teachers, audio_dir, data / "store"))
+    students = stage("students", lambda: _parallel(config.jobs, {
+        name: (lambda n=name, k=kinds, a=aggregation: pretrain_student(
+            n, k, a, teachers, audio_dir, store, out / "students", config))
+        for name, (kinds, aggregation) in plan.items()}))
 
     upstreams = table_rows(config, teachers, students)
-    report_rows = []
-    for name, upstream, ckpt, kind in upstreams:
-        results_dir = out / "superb" / name
-        key = _key(stages.done.get(f"student_{name}") or stages.done.get(name) or str(ckpt), upstream,
-                   config.profile, config.superb_steps, corpus_key)
-        stages.run(f"superb_{name}", key, [results_dir / "results.json"], lambda u=upstream, c=ckpt, d=results_dir:
-                   run_superb(u, c, superb_data, tasks, config.profile, d, seed=config.seed, progress=progress,
-                              steps=config.superb_steps))
-        results = json.loads((results_dir / "results.json").read_text())
-        report_rows.append({"name": name, "upstream": upstream, "kind": kind,
-                            "ckpt": str(ckpt) if ckpt else None, "params": count_parameters(upstream, ckpt),
-                            "metrics": {t: results["tasks"][t][TASK_METRICS[t][0]] for t in tasks}})
-    mean_ranks(report_rows, tasks)
+    superb = stage("superb", lambda: _parallel(config.jobs, {
+        name: (lambda n=name, u=upstream, c=ckpt: superb_upstream(u, c, superb_data, out / "superb" / n, config))
+        for name, upstream, ckpt, _ in upstreams}))
 
-    curves = {}
-    for kind in TEACHER_KINDS:
-        curves[f"teacher_{kind}"] = [tuple(p) for p in json.loads(loss_curve_path(teachers[kind]).read_text())["loss"]]
+    columns = ["pr", "pr_noisy", "sid", "er", "asr"]
+    report_rows_ = stage("report", lambda: report_rows(upstreams, superb, columns, config))
+    pairs = comparisons(report_rows_, superb, columns, config)
+    curves = {f"teacher_{k}": [tuple(p) for p in json.loads(loss_curve_path(teachers[k]).read_text())["loss"]]
+              for k in TEACHER_KINDS if loss_curve_path(teachers[k]).is_file()}
     for name in students:
-        curves[name] = read_scalars(student_dir / name).get("ekd_distiller/train-loss", [])
-
-    report = {"config": asdict(config), "tasks": tasks, "rows": report_rows, "verdict": verdict(report_rows),
-              "stages_run": stages.ran, "stages_cached": stages.skipped}
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.md").write_text(report_markdown(report))
+        curves[name] = read_scalars(out / "students" / name).get("ekd_distiller/train-loss", [])
+    report = {"config": asdict(config), "tasks": columns, "test_utterances": test_utterances, "rows": report_rows_,
+              "comparisons": pairs, "verdict": verdict(report_rows_, pairs), "stage_seconds": seconds,
+              "teachers": {k: str(v) for k, v in teachers.items()}}
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", report_markdown(report))
     plot_figures(report, out, curves)
     return report
 
 
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser("demo", help="the paper's experiment in miniature on a synthetic corpus (CPU)")
-    p.add_argument("--full", action="store_true", help="all students and baselines, every upstream benchmarked")
+    p.add_argument("--full", action="store_true", help="the larger version: more data, steps and learning rates")
     p.add_argument("--out", default="results/demo")
     p.add_argument("--data", default="data/demo")
+    p.add_argument("--retrain-teachers", action="store_true",
+                   help="train the three teachers here (the recipe of the shipped ones) instead of using those")
     defaults = DemoConfig()
-    for name in ("seed", "utterances", "speakers", "teacher_steps", "student_steps"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    for name in ("seed", "utterances", "speakers", "student_steps", "jobs"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"default {getattr(defaults, name)}")
     p.add_argument("--superb-steps", type=int, default=None, help="downstream steps (default: the profile's)")
+    p.add_argument("--students", default=None, help=f"comma list (default: {','.join(defaults.students)})")
+    p.add_argument("--force", action="store_true", help="write into an --out folder the demo did not make")
 
     def _run(args) -> int:
-        config = DemoConfig(seed=args.seed, utterances=args.utterances, speakers=args.speakers,
-                            teacher_steps=args.teacher_steps, student_steps=args.student_steps,
-                            superb_steps=args.superb_steps, full=args.full)
-        report = run_demo(config, args.out, args.data)
+        overrides = {name: getattr(args, name) for name in ("seed", "utterances", "speakers", "student_steps",
+                                                            "jobs", "superb_steps") if getattr(args, name) is not None}
+        if args.students:
+            overrides["students"] = [s.strip() for s in args.students.split(",") if s.strip()]
+        overrides["retrain_teachers"] = args.retrain_teachers
+        config = full_config(**overrides) if args.full else dataclasses.replace(DemoConfig(), **overrides)
+        report = run_demo(config, args.out, args.data, force=args.force)
         print(report_markdown(report))
         print(f"report: {Path(args.out) / 'report.md'}")
         return 0

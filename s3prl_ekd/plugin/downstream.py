@@ -3,8 +3,9 @@ opt-in savings that leave s3prl's training itself unchanged:
 
 - `--memoize-upstream GIB`: the upstream is frozen and un-augmented in SUPERB's protocol, so each
   utterance needs one forward, not one per epoch and per evaluation: its hidden states are kept
-  (up to GIB of them, in memory) and reused. Each utterance is run alone, so its features do not
-  depend on what it is batched with.
+  (up to GIB of them, in memory) and reused, also by later runs in the same process with the same
+  upstream (`superb --in-process`: every task and learning rate). Each utterance is run alone, so
+  its features do not depend on what it is batched with.
 - `--early-stop N`: stop when N evaluations in a row did not improve the dev metric (the expert's
   own best-checkpoint decision); `early_stop.json` in the experiment folder says when and why.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import runpy
 import tempfile
 from pathlib import Path
@@ -76,15 +78,20 @@ def _digest(wav: torch.Tensor) -> str:
     return hashlib.blake2b(wav.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
 
 
+# Hidden states kept in this process: upstream identity -> utterance digest -> [L] (T, D), and their size.
+_SHARED: dict[str, dict[str, list[torch.Tensor]]] = {}
+_SHARED_BYTES = [0]
+
+
 class MemoizedUpstream(nn.Module):
     """A frozen upstream whose hidden states are computed once per utterance (by content) and kept,
-    up to `max_bytes`; the rest is passed through to the wrapped upstream."""
+    up to `max_bytes` in the process; the rest is passed through to the wrapped upstream. Runs of
+    the same upstream (`identity`) in one process share what is kept."""
 
-    def __init__(self, upstream: nn.Module, max_bytes: int):
+    def __init__(self, upstream: nn.Module, max_bytes: int, identity: str | None = None):
         super().__init__()
         self.upstream, self.max_bytes = upstream, max_bytes
-        self.cache: dict[str, list[torch.Tensor]] = {}
-        self.bytes = 0
+        self.cache: dict[str, list[torch.Tensor]] = _SHARED.setdefault(identity, {}) if identity else {}
         self.hits = self.misses = 0
 
     def get_downsample_rates(self, key: str) -> int:
@@ -105,9 +112,9 @@ class MemoizedUpstream(nn.Module):
         self.misses += 1
         states = [h[0].detach() for h in self.upstream([wav])["hidden_states"]]
         size = sum(h.numel() * h.element_size() for h in states)
-        if self.bytes + size <= self.max_bytes:
+        if _SHARED_BYTES[0] + size <= self.max_bytes:
             self.cache[key] = states
-            self.bytes += size
+            _SHARED_BYTES[0] += size
         return states
 
     def forward(self, wavs: list[torch.Tensor]) -> dict:
@@ -124,7 +131,8 @@ class MemoizedUpstream(nn.Module):
 
 
 class EarlyStop(Exception):
-    """Raised out of s3prl's training loop when the dev metric stopped improving."""
+    """Raised out of s3prl's training loop when the dev metric stopped improving: at the start of
+    the step after the evaluation that decided it, so that step's checkpoints are saved first."""
 
 
 @contextlib.contextmanager
@@ -133,7 +141,7 @@ def downstream_savings(memoize_gib: float | None, patience: int | None, expdir_o
     from s3prl.downstream import runner as downstream_runner
 
     Runner = downstream_runner.Runner
-    saved = (Runner._get_upstream, Runner.evaluate, downstream_runner.SummaryWriter)
+    saved = (Runner._get_upstream, Runner.evaluate, downstream_runner.SummaryWriter, Runner._get_featurizer)
     writers = []
 
     class TrackedWriter(downstream_runner.SummaryWriter):
@@ -144,10 +152,11 @@ def downstream_savings(memoize_gib: float | None, patience: int | None, expdir_o
     def get_upstream(self):
         entry = saved[0](self)
         if memoize_gib and not entry.trainable:
-            entry.model = MemoizedUpstream(entry.model, int(memoize_gib * 2**30))
+            identity = json.dumps([self.args.upstream, self.args.upstream_ckpt, self.args.upstream_model_config])
+            entry.model = MemoizedUpstream(entry.model, int(memoize_gib * 2**30), identity)
         return entry
 
-    history = {"evaluations": [], "stale": 0}
+    history = {"evaluations": [], "stale": 0, "stop_after": None}
 
     def evaluate(self, split=None, logger=None, global_step=0):
         names = saved[1](self, split, logger, global_step)
@@ -156,12 +165,22 @@ def downstream_savings(memoize_gib: float | None, patience: int | None, expdir_o
             history["evaluations"].append({"step": global_step, "split": split, "improved": improved})
             history["stale"] = 0 if improved else history["stale"] + 1
             if history["stale"] >= patience:
-                raise EarlyStop(global_step)
+                history["stop_after"] = global_step
         return names
+
+    def stop_before_next_step(module, _inputs):
+        if module.training and history["stop_after"] is not None:  # the featurizer trains; in eval it evaluates
+            raise EarlyStop(history["stop_after"])
+
+    def get_featurizer(self):
+        entry = saved[3](self)
+        entry.model.register_forward_pre_hook(stop_before_next_step)
+        return entry
 
     downstream_runner.SummaryWriter = TrackedWriter
     Runner._get_upstream = get_upstream
     Runner.evaluate = evaluate
+    Runner._get_featurizer = get_featurizer
     try:
         yield
     except EarlyStop as stop:
@@ -173,7 +192,7 @@ def downstream_savings(memoize_gib: float | None, patience: int | None, expdir_o
             "evaluations": history["evaluations"]})
         print(f"[s3prl-ekd] early stop at step {stop}: {patience} evaluations without a better dev metric")
     finally:
-        Runner._get_upstream, Runner.evaluate, downstream_runner.SummaryWriter = saved
+        Runner._get_upstream, Runner.evaluate, downstream_runner.SummaryWriter, Runner._get_featurizer = saved
 
 
 def _split_own_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

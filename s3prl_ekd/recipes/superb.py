@@ -117,7 +117,8 @@ class SuperbOptions:
     steps: int | None = None            # training steps (default: the profile's)
     lr_grid: list[float] = field(default_factory=list)  # empty: the recipe's learning rate only
     early_stop: int | None = None       # stop after this many evaluations without a better dev metric
-    memoize_gib: float | None = None    # keep up to this many GiB of upstream states per run
+    memoize_gib: float | None = None    # keep up to this many GiB of upstream states per process
+    in_process: bool = False            # run_downstream.py in this process, one run after another
 
 
 def downstream_command(argv: list[str]) -> list[str]:
@@ -125,21 +126,45 @@ def downstream_command(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "s3prl_ekd.cli", "downstream", *argv]
 
 
-def run_logged(command: list[str], log: Path, task: str, threads: int | None) -> None:
-    """Run `command`; stdout to log, stderr (progress bars) to log.err.
+def run_logged(command: list[str], log: Path, task: str, opts: SuperbOptions) -> None:
+    """Run `command` (s3prl-ekd downstream ...); stdout to log, stderr (progress bars) to log.err.
 
-    `threads` caps torch's CPU threads: the small downstream models run several times faster
-    on one thread than on two contended ones.
+    `opts.threads` caps torch's CPU threads: the small downstream models run several times faster
+    on one thread than on two contended ones. `opts.in_process` runs it here instead of in a fresh
+    interpreter (no second import of s3prl; memoised upstream states shared by the runs).
     """
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     with open(log, "w") as out, open(log.with_suffix(".err"), "w") as err:
-        code = subprocess.call(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+        if opts.in_process:
+            code = _run_here(command[command.index("downstream") + 1:], out, err, opts.threads)
+        else:
+            env = dict(os.environ)
+            if opts.threads:
+                env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(opts.threads)
+            code = subprocess.call(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
     if code != 0:
         tail = "\n".join(log.with_suffix(".err").read_text().splitlines()[-15:])
         raise UserError(f"{task}: run_downstream.py failed (exit {code}); command: "
                         f"{shlex.join(command)}\nlogs: {log}, {log.with_suffix('.err')}\n{tail}")
+
+
+def _run_here(argv: list[str], out, err, threads: int | None) -> int:
+    import contextlib
+    import traceback
+
+    import torch
+
+    from s3prl_ekd.plugin.downstream import run_downstream
+
+    if threads:
+        torch.set_num_threads(threads)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            return run_downstream(argv)
+        except SystemExit as exit_:
+            return exit_.code if isinstance(exit_.code, int) else 1
+        except Exception:
+            traceback.print_exc()
+            return 1
 
 
 def pick_checkpoint(expdir: Path, spec: TaskSpec) -> Path:
@@ -192,7 +217,7 @@ def train_once(task: str, config: dict, expdir: Path, upstream: str, ckpt: str |
         argv += ["--memoize-upstream", str(opts.memoize_gib)]
     command = downstream_command(argv)
     start = time.perf_counter()
-    run_logged(command, expdir / "train.log", task, opts.threads)
+    run_logged(command, expdir / "train.log", task, opts)
     curve = dev_curve(expdir, spec)
     best_step, dev_best = (max if spec.higher_is_better else min)(curve, key=lambda point: point[1])
     stop_file = expdir / "early_stop.json"
@@ -212,7 +237,7 @@ def test_once(task: str, checkpoint: Path, expdir: Path, fold: str | None, opts:
         argv += ["-o", f"args.expdir={expdir},,config.downstream_expert.corpus.test=['{corpus_test}']"]
     command = downstream_command(argv)
     start = time.perf_counter()
-    run_logged(command, expdir / "test.log", task, opts.threads)
+    run_logged(command, expdir / "test.log", task, opts)
     scores = {utt: list(pair) for utt, pair in utterance_scores(task, expdir, spec.test_split, fold).items()}
     return scores, round(time.perf_counter() - start, 1), shlex.join(command)
 
@@ -326,7 +351,7 @@ def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os
                device: str | None = None, seed: int = 1337, threads: int | None = None,
                steps: int | None = None, force: bool = False, progress: bool = True,
                jobs: int | None = None, lr_grid: list[float] | None = None, early_stop: int | None = None,
-               memoize_gib: float | None = None) -> dict:
+               memoize_gib: float | None = None, in_process: bool = False) -> dict:
     """Benchmark `upstream` on `tasks`; write and return results.json's content.
 
     results["tasks"][task] holds the one test metric in percent (pr: per, sid: acc, er: acc,
@@ -337,9 +362,11 @@ def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os
     `threads` (default: 1 on CPU, torch's choice on GPU) sets OMP_NUM_THREADS for each run; `steps`
     shortens (or lengthens) every training run; `lr_grid` replaces the recipe's learning rate by a
     sweep picked on dev; `early_stop` ends a run after that many evaluations without a better dev
-    metric; `memoize_gib` keeps the frozen upstream's states in memory across epochs.
-    `jobs` tasks run at once (default: on CPU, as many as the cores hold at `threads` each;
-    on GPU, one). Each task is its own seeded process, so the numbers do not depend on `jobs`.
+    metric; `memoize_gib` keeps the frozen upstream's states in memory across epochs (and, with
+    `in_process`, across tasks and learning rates: every run happens in this process, one after
+    another). `jobs` tasks run at once (default: on CPU, as many as the cores hold at `threads`
+    each; on GPU, one; with `in_process`, one). Each run is seeded on its own, so the numbers do
+    not depend on `jobs`.
     """
     from tqdm import tqdm
 
@@ -354,6 +381,8 @@ def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os
     upstream_config = str(Path(upstream_config).resolve()) if upstream_config else None
     device = device or default_device()
     threads = threads if threads is not None else (1 if device == "cpu" else None)
+    if in_process:
+        jobs = 1  # runs share sys.argv, the working directory and the RNGs: one at a time
     if jobs is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         jobs = max(1, cores // (threads or 1)) if device == "cpu" else 1  # cores this process may use
@@ -361,7 +390,7 @@ def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os
         raise ConfigError(f"--jobs {jobs}: use 1 or more")
     if any(lr <= 0 for lr in lr_grid or []):
         raise ConfigError(f"--lr-grid {lr_grid}: learning rates must be positive")
-    opts = SuperbOptions(device, seed, threads, steps, sorted(lr_grid or []), early_stop, memoize_gib)
+    opts = SuperbOptions(device, seed, threads, steps, sorted(lr_grid or []), early_stop, memoize_gib, in_process)
     for task in names:
         recipe_config(task, profile, load_prepared(data_dir, task), steps)  # fail before training
     claim_out(out_dir, MARKER_NAME, "s3prl-ekd superb")
@@ -437,7 +466,9 @@ def register_cli(subparsers) -> None:
                                      "(SUPERB's protocol); default: the recipe's rate")
     p.add_argument("--early-stop", type=int, help="stop a run after N evaluations without a better dev metric")
     p.add_argument("--memoize-upstream", type=float, metavar="GIB",
-                   help="keep up to GIB of the frozen upstream's states per run, computed once per utterance")
+                   help="keep up to GIB of the frozen upstream's states, computed once per utterance")
+    p.add_argument("--in-process", action="store_true", help="run every task here, one after another, sharing "
+                   "the memoised upstream states (instead of a fresh interpreter per run)")
     p.add_argument("--force", action="store_true", help="re-run tasks that already have a result, and write "
                    "into an --out folder that superb did not make")
 
@@ -446,7 +477,8 @@ def register_cli(subparsers) -> None:
                              args.out, args.upstream_config, args.device, args.seed,
                              args.threads, args.steps, args.force, jobs=args.jobs,
                              lr_grid=parse_floats(args.lr_grid, "--lr-grid") if args.lr_grid else None,
-                             early_stop=args.early_stop, memoize_gib=args.memoize_upstream)
+                             early_stop=args.early_stop, memoize_gib=args.memoize_upstream,
+                             in_process=args.in_process)
         print(results_markdown(results).split("## Commands")[0].rstrip())
         print(f"wrote {Path(args.out).resolve() / 'results.json'}")
         return 0
