@@ -248,3 +248,36 @@ def test_iemocap_folds_use_s3prls_meta_data_builder(tmp_path):
     # 'fru' is dropped and 'exc' merged into 'hap', as in the SUPERB protocol
     assert sorted(m["label"] for m in test["meta_data"]) == ["ang", "hap", "neu", "sad"]
     assert report.splits["train"][0] == 4 and report.splits["test"][0] == 4
+
+
+def test_real_prepare_detects_label_change(tmp_path):
+    """An edited label (IEMOCAP emotion, LibriSpeech transcript, VoxCeleb1 split) makes prepare redo the
+    task, even when the file keeps its size and modification time."""
+    import os
+
+    root = tmp_path / "IEMOCAP_full_release"
+    for s in (1, 2):
+        dialog = f"Ses0{s}F_impro01"
+        tone(root / f"Session{s}" / "sentences" / "wav" / dialog / f"{dialog}_F000.wav")
+        tone(root / f"Session{s}" / "sentences" / "wav" / dialog / f"{dialog}_F001.wav")
+        label_dir = root / f"Session{s}" / "dialog" / "EmoEvaluation"
+        label_dir.mkdir(parents=True)
+        (label_dir / f"{dialog}.txt").write_text(f"[1.0 - 2.0]\t{dialog}_F000\tneu\t[2.5]\n"
+                                                 f"[1.0 - 2.0]\t{dialog}_F001\tang\t[2.5]\n")
+    iemocap.prepare_er_iemocap(root, tmp_path / "out")
+    assert iemocap.prepare_er_iemocap(root, tmp_path / "out").up_to_date
+    labels = root / "Session1" / "dialog" / "EmoEvaluation" / "Ses01F_impro01.txt"
+    stat = labels.stat()
+    labels.write_text(labels.read_text().replace("\tneu\t", "\tsad\t"))  # same size
+    os.utime(labels, ns=(stat.st_atime_ns, stat.st_mtime_ns))            # and same modification time
+    report = iemocap.prepare_er_iemocap(root, tmp_path / "out")
+    assert not report.up_to_date
+    test = json.loads((tmp_path / "out/er/meta_data/Session1/test_meta_data.json").read_text())
+    assert sorted(m["label"] for m in test["meta_data"]) == ["ang", "sad"]
+
+    libri = fake_librispeech(tmp_path / "LibriSpeech")
+    librispeech.prepare_pr_librispeech(libri, tmp_path / "out")
+    assert librispeech.prepare_pr_librispeech(libri, tmp_path / "out").up_to_date
+    trans = libri / "test-clean/19/198/19-198.trans.txt"
+    trans.write_text(trans.read_text().replace("0001 WORLD", "0001 HELLO"))
+    assert not librispeech.prepare_pr_librispeech(libri, tmp_path / "out").up_to_date

@@ -161,3 +161,28 @@ def test_lr_grid_picks_on_dev_and_noisy_pr_is_scored(tmp_path):
                              progress=False, lr_grid=[1e-2, 1e-4], early_stop=3, memoize_gib=1.0, in_process=True)
     assert here["tasks"] == results["tasks"]
     assert here["runs"]["pr"]["runs"]["pr"]["scores"] == run["scores"]
+
+
+def test_demo_stage_rerun_on_recipe_change(tmp_path, monkeypatch):
+    """The demo's superb stage is run_superb's own per-task key: editing a recipe YAML reruns the task
+    (and an unchanged one is answered from disk)."""
+    import yaml as yaml_module
+
+    manifest = synthesize_corpus(tmp_path / "corpus", utterances=40, speakers=4, seed=0, progress=False)
+    prepare_all(manifest, tmp_path / "data")
+    first = superb.run_superb("fbank", None, tmp_path / "data", "er", "cpu-small", tmp_path / "r", steps=2,
+                              progress=False, in_process=True)
+    result = tmp_path / "r" / "er" / superb.RESULT_NAME
+    stamp = result.stat().st_mtime_ns
+    superb.run_superb("fbank", None, tmp_path / "data", "er", "cpu-small", tmp_path / "r", steps=2, progress=False,
+                       in_process=True)
+    assert result.stat().st_mtime_ns == stamp
+    edited = tmp_path / "er-edited.yaml"
+    recipe = yaml_module.safe_load(recipe_file("er", "cpu-small.yaml").read_text())
+    recipe["optimizer"]["lr"] = 5e-3
+    edited.write_text(yaml_module.safe_dump(recipe))
+    monkeypatch.setattr(superb, "recipe_file", lambda task, name: edited)
+    second = superb.run_superb("fbank", None, tmp_path / "data", "er", "cpu-small", tmp_path / "r", steps=2,
+                               progress=False, in_process=True)
+    assert result.stat().st_mtime_ns != stamp
+    assert first["runs"]["er"]["lr"] == [1e-3] and second["runs"]["er"]["lr"] == [5e-3]

@@ -8,7 +8,14 @@ from pathlib import Path
 
 from s3prl_ekd.errors import UserError
 from s3prl_ekd.io.files import fingerprint
-from s3prl_ekd.recipes.layout import PREPARE_VERSION, PrepareReport, finish_real, real_report
+from s3prl_ekd.recipes.layout import (
+    PREPARE_VERSION,
+    PrepareReport,
+    file_contents,
+    file_stamps,
+    finish_real,
+    real_report,
+)
 from s3prl_ekd.recipes.manifest import check_audio_files
 
 
@@ -26,7 +33,9 @@ def prepare_er_iemocap(iemocap: str | os.PathLike, out: str | os.PathLike,
         raise UserError(f"{root}: the path above IEMOCAP's Session folders contains 'Session'; "
                         "move or link the corpus elsewhere")
     task_out = out / "er"
-    key = fingerprint(PREPARE_VERSION, "er-iemocap", str(root), sessions)
+    labels = sorted(root.glob("Session*/dialog/EmoEvaluation/*.txt"))
+    wavs = sorted(root.glob("Session*/sentences/wav/*/*.wav"))
+    key = fingerprint(PREPARE_VERSION, "er-iemocap", str(root), sessions, file_contents(labels), file_stamps(wavs))
     folds = [f"fold{s.removeprefix('Session')}" for s in sessions]
     config = {"downstream_expert": {"datarc": {
         "root": str(root), "meta_data": str(task_out / "meta_data"), "test_fold": folds[0]}}}

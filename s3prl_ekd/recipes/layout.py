@@ -71,7 +71,14 @@ class PrepareReport:
 
 
 def file_stamps(paths: Iterable[Path]) -> list:
+    """(path, size, mtime) of large files (audio): cheap to read, changes when a file is replaced."""
     return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+
+
+def file_contents(paths: Iterable[Path]) -> str:
+    """A digest of small files' contents (labels, transcripts, lexicons): an edit that keeps the
+    size and the modification time still changes it."""
+    return fingerprint([(str(p), p.read_bytes().hex()) for p in sorted(paths)])
 
 
 def up_to_date(out: Path, key: str) -> dict | None:

@@ -15,6 +15,7 @@ from s3prl_ekd.recipes.layout import (
     arpabet_phones,
     asr_characters,
     char_dict,
+    file_contents,
     file_stamps,
     finish_real,
     read_symbols,
@@ -58,6 +59,10 @@ def _librispeech_transcripts(files: Sequence[Path]) -> dict[Path, str]:
     return out
 
 
+def _transcript_files(flacs) -> set[Path]:
+    return {flac.parent / f"{flac.name.split('.')[0].rsplit('-', 1)[0]}.trans.txt" for flac in flacs}
+
+
 def prepare_pr_librispeech(librispeech: str | os.PathLike, out: str | os.PathLike,
                            lexicon: Sequence[str | os.PathLike] = (), sets: Sequence[str] = LIBRISPEECH_SETS,
                            vocab: str | os.PathLike | None = None, progress: bool = False) -> PrepareReport:
@@ -85,7 +90,8 @@ def prepare_pr_librispeech(librispeech: str | os.PathLike, out: str | os.PathLik
         "corpus": {"path": str(root), "train": [sets[0]], "dev": [sets[1]], "test": [sets[2]],
                    "lexicon": [str(p) for p in lexicon], "transcripts": "words"},
         "text": {"vocab_file": str(vocab)}}}
-    key = fingerprint(PREPARE_VERSION, "pr-librispeech", config, file_stamps(lexicon), len(all_files))
+    key = fingerprint(PREPARE_VERSION, "pr-librispeech", config, file_contents(lexicon), file_stamps(all_files),
+                      file_contents(_transcript_files(all_files)))
     task_out = out / "pr"
     up = finish_real("pr", task_out, key, config, {"source": str(root)}, lambda: None)
     return real_report("pr", task_out, files, durations, SPLITS, up,
@@ -109,7 +115,8 @@ def prepare_asr_librispeech(librispeech: str | os.PathLike, out: str | os.PathLi
     config = {"downstream_expert": {"datarc": {
         "libri_root": str(root), "bucket_file": str(bucket), "dict_path": str(char_dict()),
         "train": [sets[0]], "dev-clean": [sets[1]], "test-clean": [sets[2]]}}}
-    key = fingerprint(PREPARE_VERSION, "asr-librispeech", config, file_stamps(all_files))
+    key = fingerprint(PREPARE_VERSION, "asr-librispeech", config, file_stamps(all_files),
+                      file_contents(_transcript_files(all_files)))
     up = finish_real("asr", task_out, key, config, {"source": str(root)},
                       lambda: write_bucket_csvs(bucket, root, files))
     return real_report("asr", task_out, files, durations, SPLITS, up, [])

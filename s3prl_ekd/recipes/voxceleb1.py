@@ -13,6 +13,7 @@ from s3prl_ekd.recipes.layout import (
     SID_CLASSES,
     SID_FIRST_ID,
     PrepareReport,
+    file_contents,
     file_stamps,
     finish_real,
     real_report,
@@ -54,6 +55,7 @@ def prepare_sid_voxceleb1(voxceleb1: str | os.PathLike, out: str | os.PathLike,
     durations = check_audio_files([(str(split_file), f) for key in "123" for f in sets[key]], progress)
     config = {"downstream_expert": {"datarc": {"file_path": str(root), "meta_data": str(split_file)}}}
     task_out = out / "sid"
-    key = fingerprint(PREPARE_VERSION, "sid-voxceleb1", config, file_stamps([split_file]), len(found))
+    key = fingerprint(PREPARE_VERSION, "sid-voxceleb1", config, file_contents([split_file]),
+                      file_stamps(f for key in "123" for f in sets[key]))
     up = finish_real("sid", task_out, key, config, {"source": str(root)}, lambda: None)
     return real_report("sid", task_out, sets, durations, SPLITS, up, [f"split file {split_file}"])
