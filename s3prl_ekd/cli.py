@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as error:
         close_progress_bars()
-        print(f"s3prl-ekd {command}: error: {user_message(error)}", file=sys.stderr)
+        rank = f" rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']}:" if "RANK" in os.environ else ""
+        print(f"s3prl-ekd {command}:{rank} error: {user_message(error)}", file=sys.stderr)
         return 2
 
 

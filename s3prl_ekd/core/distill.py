@@ -99,6 +99,7 @@ def head_set_names(config: EKDConfig) -> list[str]:
 class Objective(NamedTuple):
     loss: torch.Tensor       # scalar
     terms: list[LossTerms]   # per head set: (L,) L1 and cosine terms
+    frames: torch.Tensor     # scalar: valid frames the means are over
 
 
 class DistillObjective:
@@ -119,6 +120,7 @@ class DistillObjective:
         target_frames (B,): valid target frames where they can be fewer (a store's crops)."""
         if target_frames is not None:
             frame_lengths = torch.minimum(frame_lengths, target_frames)
-        terms = [distill_loss(*align(pred, target, frame_lengths)) for pred, target in zip(predictions, targets)]
+        aligned = [align(pred, target, frame_lengths) for pred, target in zip(predictions, targets)]
+        terms = [distill_loss(*parts) for parts in aligned]
         loss = total_loss(terms, self.head_weights, self.config.loss.l1_weight, self.config.loss.cosine_weight)
-        return Objective(loss, terms)
+        return Objective(loss, terms, aligned[0][2].sum())

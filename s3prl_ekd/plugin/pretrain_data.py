@@ -183,10 +183,13 @@ class BucketDataset(Dataset):
     """Item i is batch i: (wave (B, S), lengths (B,)) or, with stored targets,
     (wave, lengths, [K] (B, L, T, D_k) targets, target frames (B,))."""
 
-    def __init__(self, config: DataConfig, min_samples: int = 1, targets: StoredTargets | None = None):
+    def __init__(self, config: DataConfig, min_samples: int = 1, targets: StoredTargets | None = None,
+                 part: tuple[int, int] = (0, 1)):
         self.config, self.targets = config, targets
+        self.part = part  # (rank, world size): this process loads utterances rank, rank + world, ... of a batch
         rows = drop_short(read_utterances(config), min_samples, config.skip_short)
-        self.buckets = make_buckets(rows, config.train_batch_size, config.max_timestep)
+        self.buckets = [b for b in make_buckets(rows, config.train_batch_size, config.max_timestep)
+                        if len(b) >= part[1]]  # every process gets at least one utterance of a batch
         if not self.buckets:
             source = config.audio_dir or config.file_path
             raise ConfigError(f"pretrain_expert.datarc: {source} gives no batch of {config.train_batch_size} "
@@ -201,7 +204,8 @@ class BucketDataset(Dataset):
         return len(self.buckets)
 
     def __getitem__(self, index: int):
-        rows = self.buckets[index]
+        rank, world = self.part
+        rows = self.buckets[index][rank::world]
         wavs = [load_audio(r.path, resample=self.config.resample, downmix=self.config.downmix) for r in rows]
         if self.targets is None:
             return crop_and_pad(wavs, self.config.sequence_length)
@@ -233,9 +237,18 @@ def _first(items):
     return items[0]  # the DataLoader's batch of one pre-built bucket
 
 
-def train_dataloader(config: DataConfig, min_samples: int = 1, targets: StoredTargets | None = None) -> DataLoader:
-    dataset = BucketDataset(config, min_samples, targets)
+def train_dataloader(config: DataConfig, min_samples: int = 1, targets: StoredTargets | None = None,
+                     shard: tuple[int, int, int, int] | None = None) -> DataLoader:
+    """One process: batches in DataLoader-shuffled order. `shard` = (rank, world size, seed, batches
+    already done) for a distributed run: the same batches for any world size, in a seeded order,
+    each rank loading its part (plugin/distributed.py)."""
     workers = min(config.num_workers, os.cpu_count() or 1)
-    return DataLoader(dataset, batch_size=1, shuffle=True, num_workers=workers,
-                      collate_fn=_first, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers > 0)
+    common = dict(batch_size=1, num_workers=workers, collate_fn=_first, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=workers > 0)
+    if shard is None:
+        return DataLoader(BucketDataset(config, min_samples, targets), shuffle=True, **common)
+    from s3prl_ekd.plugin.distributed import EpochBuckets
+
+    rank, world, seed, start = shard
+    dataset = BucketDataset(config, min_samples, targets, part=(rank, world))
+    return DataLoader(dataset, sampler=EpochBuckets(len(dataset), seed, start), **common)

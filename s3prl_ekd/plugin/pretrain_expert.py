@@ -21,6 +21,7 @@ from s3prl_ekd.core.teachers import TeacherEnsemble, load_upstream
 from s3prl_ekd.errors import CheckpointError
 from s3prl_ekd.io.audio import SAMPLE_RATE
 from s3prl_ekd.io.checkpoint import MODEL_CONFIG_KEY, STEP_KEY, STUDENT_KEY, TEACHER_DIMS_KEY
+from s3prl_ekd.plugin import distributed
 from s3prl_ekd.plugin.pretrain_data import load_datarc, train_dataloader
 from s3prl_ekd.plugin.targets import match_store
 
@@ -52,7 +53,7 @@ class UpstreamPretrainExpert(nn.Module):
         # Building teachers draws random numbers (initialisation before their weights load). Reseed so
         # that the student's initialisation, then the data order and dropout, depend on the run's seed
         # alone, not on which teachers were loaded, or whether any was (a target store).
-        seed = torch.initial_seed()
+        seed = torch.initial_seed()  # run_pretrain.py's --seed
         torch.manual_seed(seed)
         self.student = build_student(self.config, self.teacher_dims)
         if self.config.student.init_from_teacher:
@@ -62,7 +63,19 @@ class UpstreamPretrainExpert(nn.Module):
         torch.manual_seed(seed + 1)
         if fp32_pos_conv:
             keep_pos_conv_fp32(self.student)
-        self.model = nn.DataParallel(self.student) if multi_gpu else self.student
+        self.dist = distributed.current()
+        if self.dist is not None:  # torchrun: DistributedDataParallel, one process per device
+            self.student.to(device)
+            ids = [self.dist.local_rank] if str(device).startswith("cuda") else None
+            self.model = nn.parallel.DistributedDataParallel(self.student, device_ids=ids)
+            if self.dist.leader:
+                print(f"distributed: world_size={self.dist.world_size} backend={torch.distributed.get_backend()} "
+                      f"per_rank_batch={distributed.per_rank_batch(self.datarc.train_batch_size, self.dist)}",
+                      flush=True)
+        else:
+            self.model = nn.DataParallel(self.student) if multi_gpu else self.student
+        self.seed = seed
+        self.resume_step = 0
         self.last_global_step = 0
         print(f"[EKD] - {len(self.config.teachers)} teachers, aggregation={self.config.aggregation}, "
               f"head dims {self.student.head_dims} x {self.student.num_targets} targets, "
@@ -82,12 +95,18 @@ class UpstreamPretrainExpert(nn.Module):
 
     # -- s3prl runner interface --------------------------------------------------------------
     def get_train_dataloader(self):
-        return train_dataloader(self.datarc, min_samples=self.student.receptive_field, targets=self.stored)
+        shard = None
+        if self.dist is not None:
+            distributed.per_rank_batch(self.datarc.train_batch_size, self.dist)  # divisible, or a clear error
+            shard = (self.dist.rank, self.dist.world_size, self.seed, self.resume_step)
+        return train_dataloader(self.datarc, min_samples=self.student.receptive_field, targets=self.stored,
+                                shard=shard)
 
     def load_model(self, init_ckpt: dict):
         if STUDENT_KEY not in init_ckpt:
             raise CheckpointError(f"checkpoint has no '{STUDENT_KEY}' entry: not an ekd_distiller checkpoint")
         self.student.load_state_dict(init_ckpt[STUDENT_KEY]["state_dict"])
+        self.resume_step = int(init_ckpt.get(STEP_KEY, 0))
 
     def add_state_to_save(self, all_states: dict) -> dict:
         # s3prl's runner stores Step = updates done *before* the step being saved, so a
@@ -115,8 +134,10 @@ class UpstreamPretrainExpert(nn.Module):
             teacher_hiddens = self.teachers([w[:n] for w, n in zip(wave, lengths.tolist())])  # [K] (B, L, T, D_k)
             target_frames = None
         out = self.model(wave, lengths)
-        loss, terms = self.objective(out.predictions, out.frame_lengths, self.objective.targets(teacher_hiddens),
-                                     target_frames)
+        loss, terms, frames = self.objective(out.predictions, out.frame_lengths,
+                                             self.objective.targets(teacher_hiddens), target_frames)
+        if self.dist is not None:
+            loss = loss * distributed.loss_scale(frames, self.dist)
         if global_step % log_step == 0:
             self._record(terms, records)
         return loss, records

@@ -138,15 +138,17 @@ class _Proxy:
         return self._overrides[name] if name in self._overrides else getattr(self._module, name)
 
 
-def make_checkpoints_atomic(runner_module=None, writer: bool = True) -> None:
+def make_checkpoints_atomic(runner_module=None, writer: bool | None = None) -> None:
     """Make s3prl's pretrain runner write checkpoints atomically, and remove old ones (its
     `max_keep`) only once the new one is complete, without editing s3prl's file: its module
     globals `torch` and `os` are replaced by proxies whose `save` / `remove` do that.
 
-    `writer=False` (ranks other than 0 of a distributed run) drops saves and removals.
+    `writer=False` drops saves and removals: by default, ranks other than 0 of a torchrun job.
     """
     import torch
 
+    if writer is None:
+        writer = os.environ.get("RANK", "0") == "0"
     if runner_module is None:
         runner_module = sys.modules.get("pretrain.runner") or importlib.import_module("pretrain.runner")
     if isinstance(runner_module.torch, _Proxy):
@@ -311,25 +313,45 @@ def script_context(script: Path, argv: list[str], cwd: Path, path: list[Path]):
         os.chdir(old_cwd)
 
 
+def _device(argv: list[str]) -> str:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--device", default="cuda")  # run_pretrain.py's default
+    return parser.parse_known_args(argv)[0].device
+
+
 def run_pretrain(argv: list[str]) -> int:
-    """s3prl's run_pretrain.py with `argv`, paths relative to the caller's directory.
+    """s3prl's run_pretrain.py with `argv`, paths relative to the caller's directory; under torchrun,
+    one process of a DistributedDataParallel run (plugin/distributed.py).
 
     Extra flag: --force lets a new run write into an experiment folder that has checkpoints.
     """
+    from s3prl_ekd.plugin import distributed
+
     force = "--force" in argv
     argv = absolute_pretrain_argv([a for a in argv if a != "--force"], Path.cwd())
-    if not force:
+    context = distributed.from_env()
+    leader = context is None or context.leader
+    if leader and not force:
         refuse_overwrite(argv)
     check_runner_config(argv)
     s3prl_dir = installed_s3prl_dir()
     script = s3prl_dir / "run_pretrain.py"
     expdir = experiment_dir(argv)
-    lock = exclusive_lock(expdir, "pretraining run") if expdir else contextlib.nullcontext()
+    lock = exclusive_lock(expdir, "pretraining run") if expdir and leader else contextlib.nullcontext()
     with lock, pretrain_workspace(s3prl_dir) as workspace, \
             script_context(script, argv, cwd=workspace, path=[workspace, s3prl_dir]):
-        if expdir:
+        if expdir and leader:
             for partial in expdir.glob(".states-*.ckpt.tmp-*"):  # a save cut short by a kill
                 partial.unlink()
-        runpy.run_path(str(script), run_name="__main__")
+        if context is None:
+            runpy.run_path(str(script), run_name="__main__")
+            return 0
+        distributed.init(context, _device(argv))
+        try:
+            runner_module = importlib.import_module("pretrain.runner")
+            with distributed.leader_writes(context, runner_module, str(expdir) if expdir else None):
+                runpy.run_path(str(script), run_name="__main__")
+        finally:
+            distributed.leave()
     return 0
 

@@ -44,10 +44,10 @@ def build_hubert(size: str = "tiny", num_classes: int = 100, **overrides):
         HubertPretrainingConfig,
     )
 
-    arch = architecture(size, **overrides)
-    model_cfg = dict(label_rate=50.0, extractor_mode="default", encoder_layerdrop=0.0,
-                     dropout=0.1, attention_dropout=0.1, activation_dropout=0.0,
-                     final_dim=min(256, arch["encoder_embed_dim"]), **arch)
+    arch = architecture(size, **overrides)  # any HubertConfig field may be overridden, e.g. extractor_mode
+    model_cfg = {**dict(label_rate=50.0, extractor_mode="default", encoder_layerdrop=0.0, dropout=0.1,
+                        attention_dropout=0.1, activation_dropout=0.0,
+                        final_dim=min(256, arch["encoder_embed_dim"])), **arch}
     task_cfg = dict(label_rate=50.0, sample_rate=SAMPLE_RATE, normalize=False)
     symbols = [[str(i) for i in range(num_classes)]]
     model = HubertModel(HubertConfig(**model_cfg), HubertPretrainingConfig(**task_cfg), symbols)
@@ -58,9 +58,8 @@ def build_wavlm(size: str = "tiny", **overrides):
     """A randomly initialised s3prl `WavLM` and its cfg dict."""
     from s3prl.upstream.wavlm.WavLM import WavLM, WavLMConfig
 
-    cfg = dict(extractor_mode="default", encoder_layerdrop=0.0, normalize=False,
-               relative_position_embedding=True, num_buckets=320, max_distance=800,
-               gru_rel_pos=True, **architecture(size, **overrides))
+    cfg = {**dict(extractor_mode="default", encoder_layerdrop=0.0, normalize=False, relative_position_embedding=True,
+                  num_buckets=320, max_distance=800, gru_rel_pos=True), **architecture(size, **overrides)}
     return WavLM(WavLMConfig(cfg)), cfg
 
 
