@@ -231,7 +231,7 @@ def student_step(expert, data, amp: bool) -> None:
     wave, lengths, targets, frames = data
     with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
         out = expert.model(wave, lengths)
-        loss, _ = expert.objective(out.predictions, out.frame_lengths, expert.objective.targets(targets), frames)
+        loss = expert.objective(out.predictions, out.frame_lengths, expert.objective.targets(targets), frames).loss
     loss.backward()
 
 
