@@ -10,7 +10,7 @@ from s3prl_ekd.demo.pipeline import DemoConfig, comparisons, run_demo, student_p
 
 
 def tiny_config(**overrides) -> DemoConfig:
-    return DemoConfig(**{"utterances": 48, "speakers": 4, "held_out": 0.2, "retrain_teachers": True,
+    return DemoConfig(**{"utterances": 48, "speakers": 4, "held_out": (0.2, 0.2), "retrain_teachers": True,
                          "teacher_steps": 3, "students": ["distil_wavlm", "ekd_average"], "baselines": False,
                          "student_steps": 3, "superb_steps": 2, "lr_grid": [1e-3], "early_stop": 1,
                          "bootstrap": 200, "jobs": 2, **overrides})

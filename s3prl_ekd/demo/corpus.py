@@ -25,7 +25,7 @@ MANIFEST_NAME = "manifest.jsonl"
 CORPUS_INFO_NAME = "corpus.json"  # parameters of a finished corpus; its presence marks a folder as ours
 GENERATOR_VERSION = 1  # bump when synthesis changes in a way corpus.json does not record
 SPLITS = ("train", "dev", "test")
-HELD_OUT_FRACTION = 0.1  # of the utterances, for each of dev and test
+HELD_OUT = (0.1, 0.1)  # fractions of the utterances for dev and for test
 # Marks espeak-ng writes into its phoneme output that are not phones: stress, the pause
 # phonemes (`_:`, `_!`) that the `_` separator leaves as bare ":" / "!", and boundaries.
 STRESS_MARKS = "',%="
@@ -125,25 +125,27 @@ def generate_sentences(count: int, seed: int) -> list[str]:
     return list(sentences)
 
 
-def plan_corpus(utterances: int, n_speakers: int, seed: int, held_out: float = HELD_OUT_FRACTION) -> list[Utterance]:
-    """Which sentence each utterance says, by whom, in which style and split (`held_out` of the
-    utterances for each of dev and test).
+def plan_corpus(utterances: int, n_speakers: int, seed: int,
+                held_out: tuple[float, float] = HELD_OUT) -> list[Utterance]:
+    """Which sentence each utterance says, by whom, in which style and split (`held_out`: the
+    fractions of the utterances for dev and for test).
 
     Every sentence is spoken once, so the splits have disjoint sentences (ASR/PR); within each
     split the speakers take turns and cycle through the styles, so every speaker appears in every
     split about equally often (SID) and every style is spoken by every speaker (ER).
     """
-    if not 0 < held_out < 0.5:
-        raise UserError(f"--held-out {held_out}: use a fraction between 0 and 0.5 (for each of dev and test)")
+    if not all(0 < f for f in held_out) or sum(held_out) >= 0.7:
+        raise UserError(f"--dev-fraction / --test-fraction {held_out}: use positive fractions that leave "
+                        "at least 30% of the utterances for train")
     voices = speakers(n_speakers)
-    held_out = max(n_speakers, len(STYLES), round(held_out * utterances))
-    n_train = utterances - 2 * held_out
-    if n_train < held_out:
+    dev, test = (max(n_speakers, len(STYLES), round(f * utterances)) for f in held_out)
+    n_train = utterances - dev - test
+    if n_train < max(dev, test):
         raise UserError(f"--utterances {utterances} is too few for {n_speakers} speakers: dev and "
-                        f"test need {held_out} each (every speaker and style in each); "
-                        f"use at least {4 * held_out}")
+                        f"test need {dev} and {test} (every speaker and style in each); "
+                        f"use at least {2 * (dev + test)}")
     sentences = generate_sentences(utterances, seed)
-    sizes = {"train": n_train, "dev": held_out, "test": held_out}
+    sizes = {"train": n_train, "dev": dev, "test": test}
     plan, start = [], 0
     for split in SPLITS:
         for k in range(sizes[split]):
@@ -210,13 +212,13 @@ def speak(utterance: Utterance, wav_path: Path) -> list[str]:
     return phones
 
 
-def _corpus_info(utterances: int, n_speakers: int, seed: int, held_out: float = HELD_OUT_FRACTION) -> dict:
+def _corpus_info(utterances: int, n_speakers: int, seed: int, held_out: tuple[float, float] = HELD_OUT) -> dict:
     generator = json.dumps([WORDS, TEMPLATES, VARIANTS, ACCENTS, STRESS_MARKS,
                             sorted(NON_PHONE_TOKENS)], sort_keys=True)
     return {"generator_version": GENERATOR_VERSION,
             "generator_sha256": hashlib.sha256(generator.encode()).hexdigest(),
             "utterances": utterances,
-            "speakers": n_speakers, "seed": seed, "held_out": held_out, "sample_rate": SAMPLE_RATE,
+            "speakers": n_speakers, "seed": seed, "dev_test_fractions": list(held_out), "sample_rate": SAMPLE_RATE,
             "espeak": espeak_version(),
             "styles": [asdict(style) for style in STYLES]}
 
@@ -241,7 +243,7 @@ def corpus_state(out: Path, info: dict) -> str:
 
 def synthesize_corpus(out: str | os.PathLike, utterances: int, speakers: int, seed: int = 0,
                       workers: int | None = None, progress: bool = True, force: bool = False,
-                      held_out: float = HELD_OUT_FRACTION) -> Path:
+                      held_out: tuple[float, float] = HELD_OUT) -> Path:
     """Write the corpus to `out` and return the manifest path.
 
     Deterministic for (utterances, speakers, seed): if `out` already holds that very corpus, nothing
@@ -300,16 +302,18 @@ def register_cli(subparsers) -> None:
     p.add_argument("--speakers", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="parallel espeak-ng calls")
-    p.add_argument("--held-out", type=float, default=HELD_OUT_FRACTION, help="fraction for each of dev and test")
+    p.add_argument("--dev-fraction", type=float, default=HELD_OUT[0], help="fraction of the utterances for dev")
+    p.add_argument("--test-fraction", type=float, default=HELD_OUT[1], help="fraction of the utterances for test")
     p.add_argument("--force", action="store_true", help="replace another corpus (or other files) in OUT")
 
     def _synth(args) -> int:
-        info = _corpus_info(args.utterances, args.speakers, args.seed, args.held_out)
+        held_out = (args.dev_fraction, args.test_fraction)
+        info = _corpus_info(args.utterances, args.speakers, args.seed, held_out)
         if corpus_state(Path(args.out).resolve(), info) == "complete":
             print(f"{Path(args.out) / MANIFEST_NAME}: up to date (same utterances, speakers and seed)")
             return 0
         manifest = synthesize_corpus(args.out, args.utterances, args.speakers, args.seed,
-                                     workers=args.workers, force=args.force, held_out=args.held_out)
+                                     workers=args.workers, force=args.force, held_out=held_out)
         print(f"wrote {manifest}")
         return 0
 

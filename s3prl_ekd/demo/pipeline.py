@@ -45,9 +45,9 @@ class DemoConfig:
     """Sizes of the miniature; the defaults fit `make demo` in about 20 minutes on 2 cores."""
 
     seed: int = 0
-    utterances: int = 2000
+    utterances: int = 1600
     speakers: int = 12
-    held_out: float = 0.2            # of the utterances, for each of dev and test (400 test utterances)
+    held_out: tuple[float, float] = (0.125, 0.25)  # dev and test fractions: 200 dev, 400 test utterances
     noisy_snr_db: float = 5.0        # PR's noisy test copy
     retrain_teachers: bool = False   # train the teachers here instead of using the shipped ones
     teacher_steps: int | None = None  # with retrain_teachers: override the recipe's steps
