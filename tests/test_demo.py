@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from s3prl_ekd.demo.pipeline import DemoConfig, comparisons, run_demo, student_plan, table_rows, verdict
+from s3prl_ekd.demo.pipeline import DemoConfig, comparisons, full_config, run_demo, student_plan, table_rows, verdict
 
 
 def tiny_config(**overrides) -> DemoConfig:
@@ -46,7 +46,9 @@ def test_demo_smoke_then_rerun_from_disk(tmp_path):
 
 
 def test_full_plan_and_table_order():
-    config = DemoConfig()
+    assert list(student_plan(DemoConfig())) == ["distil_hubert", "distil_robust_hubert", "distil_wavlm",
+                                                "ekd_average"]
+    config = full_config()
     assert list(student_plan(config)) == ["distil_hubert", "distil_robust_hubert", "distil_wavlm",
                                           "ekd_average", "ekd_concat", "ekd_multihead"]
     teachers = {k: Path(f"{k}.pt") for k in ("hubert", "robust_hubert", "wavlm")}

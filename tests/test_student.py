@@ -127,3 +127,12 @@ def test_init_from_wavlm_teacher_reports_uncopied(tiny_teachers):
     for name in set(after) - set(report.copied):
         assert torch.equal(after[name], before[name]), name        # left at its random init
     assert f"{len(report.teacher_only)} teacher tensors have no place in the student" in report.summary("wavlm_local")
+
+
+def test_feature_grad_mult_zero_freezes_the_cnn():
+    student = tiny_student([32], 2, feature_grad_mult=0.0)
+    out = student(torch.randn(2, 8000), torch.tensor([8000, 6000]))
+    out.predictions[0].sum().backward()
+    assert all(p.grad is None and not p.requires_grad for p in student.backbone.feature_extractor.parameters())
+    assert all(p.grad is not None for p in student.heads.parameters())
+    assert student.backbone.encoder.layers[0].fc1.weight.grad is not None  # the graph starts after the CNN

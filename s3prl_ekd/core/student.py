@@ -34,7 +34,7 @@ class StudentConfig:
     dropout: float = 0.1
     attention_dropout: float = 0.1
     activation_dropout: float = 0.1
-    feature_grad_mult: float = 0.1
+    feature_grad_mult: float = 0.1  # scales the CNN's gradient; 0 freezes the CNN (no backward through it)
     head_inter_dim: int | None = None  # hidden width of each head; default encoder_embed_dim
     # Copy the CNN and the first `encoder_layers` transformer layers from the first
     # teacher where names and shapes match (DistilHuBERT's initialisation).
@@ -96,6 +96,8 @@ class EKDStudent(nn.Module):
                            "extractor_conv_feature_layers": config.conv_feature_layers,
                            "task_emb_type": "none", "out_layer_type": "none", "encoder_layerdrop": 0.0}
         self.backbone = DistillerModel(DistillerConfig(backbone_config))
+        if config.feature_grad_mult == 0:  # frozen: no optimizer state, nothing for DDP to wait for
+            self.backbone.feature_extractor.requires_grad_(False)
         inter_dim = config.head_inter_dim or config.encoder_embed_dim
         self.heads = nn.ModuleList(
             PredictionHeads(config.encoder_embed_dim, inter_dim, num_targets, dim) for dim in head_dims)
@@ -116,9 +118,13 @@ class EKDStudent(nn.Module):
 
     def forward(self, wave: torch.Tensor, wave_lengths: torch.Tensor, predict: bool = True) -> StudentOutput:
         """wave: (B, S) zero-padded, wave_lengths: (B,) -> StudentOutput."""
-        features = self.backbone.feature_extractor(wave)            # (B, C, T)
-        if self.backbone.feature_grad_mult != 1.0:
-            features = GradMultiply.apply(features, self.backbone.feature_grad_mult)
+        if self.backbone.feature_grad_mult > 0:
+            features = self.backbone.feature_extractor(wave)        # (B, C, T)
+            if self.backbone.feature_grad_mult != 1.0:
+                features = GradMultiply.apply(features, self.backbone.feature_grad_mult)
+        else:  # a frozen CNN, as in s3prl's DistillerModel: no graph, no backward through it
+            with torch.no_grad():
+                features = self.backbone.feature_extractor(wave)    # (B, C, T)
         features = features.transpose(1, 2)                          # (B, T, C)
         frames = features.shape[1]
         frame_lengths = conv_frame_lengths(wave_lengths, self.backbone.conv_layers).clamp(max=frames)
