@@ -83,3 +83,15 @@ def test_paired_verdicts_separate_only_what_the_data_separates():
     assert by_task["pr"]["verdict"] == "worse" and by_task["pr"]["advantage"] == -20.0
     text = verdict(rows, pairs)
     assert "better in 1, worse in 1, not separable in 1" in text and "No EKD student beats every" in text
+
+
+def test_demo_refuses_an_out_folder_it_did_not_make(tmp_path):
+    import pytest
+
+    from s3prl_ekd.errors import UserError
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "thesis.tex").write_text("mine")
+    with pytest.raises(UserError, match="holds files that `s3prl-ekd demo` did not write; .* --force"):
+        run_demo(tiny_config(), tmp_path / "out", tmp_path / "data", progress=False)
+    assert (tmp_path / "out" / "thesis.tex").read_text() == "mine" and not (tmp_path / "data").exists()
