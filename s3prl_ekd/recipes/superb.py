@@ -155,6 +155,7 @@ def _run_here(argv: list[str], out, err, threads: int | None) -> int:
 
     from s3prl_ekd.plugin.downstream import run_downstream
 
+    before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -165,6 +166,8 @@ def _run_here(argv: list[str], out, err, threads: int | None) -> int:
         except Exception:
             traceback.print_exc()
             return 1
+        finally:
+            torch.set_num_threads(before)  # the caller's process keeps its own setting
 
 
 def pick_checkpoint(expdir: Path, spec: TaskSpec) -> Path:
