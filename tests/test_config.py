@@ -83,3 +83,30 @@ def test_datarc_errors():
     with pytest.raises(ConfigError, match="either file_path"):
         load_datarc({"audio_dir": "x", "file_path": "y", "sets": ["a"]})
     assert load_datarc({"audio_dir": "x", "train_batch_size": 2}).sequence_length == 250000
+
+
+def test_paper_configs_load():
+    """Every shipped config validates: model configs with load_config (their teacher checkpoints exist),
+    runner configs through the checks `s3prl-ekd pretrain` runs before s3prl starts."""
+    import yaml
+
+    from s3prl_ekd.io.resources import pretrain_config, pretrain_config_names
+
+    names = pretrain_config_names()
+    runners = [n for n in names if "runner" in n]
+    models = [n for n in names if n not in runners]
+    assert {"hubert_robusthubert_wavlm_average.yaml", "hubert_robusthubert_wavlm_concat.yaml",
+            "hubert_robusthubert_wavlm_multihead.yaml", "distilhubert_hubert_base.yaml", "tiny_cpu.yaml"} <= set(models)
+    for name in models:
+        config = load_config(pretrain_config(name))
+        for teacher in config.teachers:
+            assert teacher.ckpt is None or __import__("os").path.isfile(teacher.ckpt), (name, teacher.ckpt)
+            assert teacher.layers, (name, teacher.name)
+    for name in runners:
+        config = yaml.safe_load(pretrain_config(name).read_text())
+        runner = config["runner"]
+        assert runner["total_steps"] > max(runner["save_step"], runner["log_step"]), name
+        load_datarc(config["pretrain_expert"]["datarc"])
+    paper = load_config(pretrain_config("hubert_robusthubert_wavlm_average.yaml"))
+    assert [t.name for t in paper.teachers] == ["hubert_base", "hubert_base_robust_mgr", "wavlm_base_plus"]
+    assert all(t.layers == [4, 8, 12] for t in paper.teachers) and paper.student.encoder_layers == 2

@@ -10,8 +10,7 @@ from s3prl_ekd.demo.pipeline import DemoConfig, comparisons, full_config, run_de
 
 
 def tiny_config(**overrides) -> DemoConfig:
-    return DemoConfig(**{"utterances": 48, "speakers": 4, "held_out": (0.2, 0.2), "retrain_teachers": True,
-                         "teacher_steps": 3, "students": ["distil_wavlm", "ekd_average"], "baselines": False,
+    return DemoConfig(**{"utterances": 48, "speakers": 4, "held_out": (0.2, 0.2), "students": ["distil_wavlm", "ekd_average"], "baselines": False,
                          "student_steps": 3, "superb_steps": 2, "lr_grid": [1e-3], "early_stop": 1,
                          "bootstrap": 200, "jobs": 2, **overrides})
 
@@ -43,6 +42,25 @@ def test_demo_smoke_then_rerun_from_disk(tmp_path):
     again = run_demo(config, tmp_path / "out", tmp_path / "data", progress=False)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing retrained
     assert again["rows"] == report["rows"] and again["comparisons"] == report["comparisons"]
+
+
+def test_retrained_teachers_follow_the_recipe_and_are_kept(tmp_path, monkeypatch):
+    """--retrain-teachers: the recipe's own corpus (shrunk here) and seed; a second call trains nothing."""
+    from s3prl_ekd.demo import pipeline, teacher_training
+
+    monkeypatch.setattr(teacher_training, "RECIPE_CORPUS", {"utterances": 48, "speakers": 4, "seed": 0})
+    config = DemoConfig(retrain_teachers=True, teacher_steps=2)
+    teachers = pipeline.retrained_teachers(config, tmp_path / "data", tmp_path / "teachers", progress=False)
+    assert sorted(teachers) == ["hubert", "robust_hubert", "wavlm"]
+    assert (tmp_path / "data" / "teacher-corpus-seed0-n48-s4" / "manifest.jsonl").is_file()
+    summary = json.loads(teacher_training.loss_curve_path(teachers["wavlm"]).read_text())
+    assert summary["steps"] == 2 and summary["seed"] == teacher_training.RECIPE_SEED
+    assert summary["num_files"] == sum(1 for line in (tmp_path / "data" / "teacher-corpus-seed0-n48-s4" /
+                                                      "manifest.jsonl").read_text().splitlines()
+                                       if json.loads(line)["split"] == "train")
+    stamps = {k: p.stat().st_mtime_ns for k, p in teachers.items()}
+    assert pipeline.retrained_teachers(config, tmp_path / "data", tmp_path / "teachers", progress=False) == teachers
+    assert {k: p.stat().st_mtime_ns for k, p in teachers.items()} == stamps
 
 
 def test_full_plan_and_table_order():

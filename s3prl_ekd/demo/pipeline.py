@@ -50,6 +50,7 @@ class DemoConfig:
     held_out: tuple[float, float] = (1 / 12, 1 / 3)  # dev and test fractions: 100 dev, 400 test utterances
     noisy_snr_db: float = 5.0        # PR's noisy test copy
     retrain_teachers: bool = False   # train the teachers here instead of using the shipped ones
+    teachers_dir: str | None = None  # or use hubert.pt, robust_hubert.pt, wavlm.pt from this folder
     teacher_steps: int | None = None  # with retrain_teachers: override the recipe's steps
     student_steps: int = 300
     student_batch_size: int = 8
@@ -108,23 +109,37 @@ def table_rows(config: DemoConfig, teachers: dict[str, Path], students: dict[str
 
 # -- stages ---------------------------------------------------------------------------------------
 
-def shipped_teachers() -> dict[str, Path]:
-    return {kind: pretrain_config(f"{SHIPPED_TEACHERS}/{kind}.pt") for kind in TEACHER_KINDS}
+def shipped_teachers(folder: str | None = None) -> dict[str, Path]:
+    """The shipped teachers (pretrain_configs/teachers/), or those of `folder`."""
+    if folder is None:
+        return {kind: pretrain_config(f"{SHIPPED_TEACHERS}/{kind}.pt") for kind in TEACHER_KINDS}
+    paths = {kind: Path(folder).resolve() / f"{kind}.pt" for kind in TEACHER_KINDS}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise UserError(f"--teachers {folder}: {', '.join(missing)} not found; the folder needs "
+                        f"{', '.join(f'{k}.pt' for k in TEACHER_KINDS)}")
+    return paths
 
 
-def retrained_teachers(config: DemoConfig, train_audio: list[Path], folder: Path, progress: bool) -> dict[str, Path]:
-    """The three teachers trained here with the recipe of the shipped ones (idempotent per recipe and audio)."""
-    from s3prl_ekd.demo.teacher_training import train_teacher
+def retrained_teachers(config: DemoConfig, data: Path, folder: Path, progress: bool) -> dict[str, Path]:
+    """The three teachers trained here by the shipped ones' recipe: their corpus, seed and steps
+    (`teacher_steps` overrides the steps). Idempotent per recipe."""
+    from s3prl_ekd.demo.corpus import synthesize_corpus
+    from s3prl_ekd.demo.teacher_training import DEFAULT_STEPS, RECIPE_CORPUS, RECIPE_SEED, train_teacher
 
-    audio_key = fingerprint([(str(p), p.stat().st_size) for p in train_audio])
+    corpus = data / "teacher-corpus-seed{seed}-n{utterances}-s{speakers}".format(**RECIPE_CORPUS)
+    manifest = synthesize_corpus(corpus, RECIPE_CORPUS["utterances"], RECIPE_CORPUS["speakers"],
+                                 seed=RECIPE_CORPUS["seed"], progress=progress)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    train_audio = [corpus / r["audio"] for r in rows if r["split"] == "train"]
+    steps = config.teacher_steps or DEFAULT_STEPS
     out = {}
     for kind in TEACHER_KINDS:
         path = folder / f"{kind}.pt"
-        overrides = {"steps": config.teacher_steps} if config.teacher_steps else {}
-        key = fingerprint(kind, audio_key, config.seed, overrides)
+        key = fingerprint(kind, RECIPE_CORPUS, RECIPE_SEED, steps)
         key_file = path.with_suffix(".key")
         if not (path.is_file() and key_file.is_file() and key_file.read_text() == key):
-            train_teacher(kind, train_audio, path, seed=config.seed, progress=progress, **overrides)
+            train_teacher(kind, train_audio, path, steps=steps, seed=RECIPE_SEED, progress=progress)
             atomic_write_text(key_file, key)
         out[kind] = path
     return out
@@ -418,9 +433,9 @@ def run_demo(config: DemoConfig, out: str | os.PathLike = "results/demo", data: 
             (audio_dir / path.name).symlink_to(path)
 
     if config.retrain_teachers:
-        teachers = stage("teachers", lambda: retrained_teachers(config, train_audio, out / "teachers", progress))
+        teachers = stage("teachers", lambda: retrained_teachers(config, data, out / "teachers", progress))
     else:
-        teachers = shipped_teachers()
+        teachers = shipped_teachers(config.teachers_dir)
     store = stage("target_store", lambda: build_store(config, teachers, audio_dir, data / "store"))
     students = stage("students", lambda: _parallel(config.jobs, {
         name: (lambda n=name, k=kinds, a=aggregation: pretrain_student(
@@ -455,6 +470,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--data", default="data/demo")
     p.add_argument("--retrain-teachers", action="store_true",
                    help="train the three teachers here (the recipe of the shipped ones) instead of using those")
+    p.add_argument("--teachers", help="use hubert.pt, robust_hubert.pt and wavlm.pt from this folder instead")
     defaults = DemoConfig()
     for name in ("seed", "utterances", "speakers", "student_steps", "jobs"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"default {getattr(defaults, name)}")
@@ -468,6 +484,7 @@ def register_cli(subparsers) -> None:
         if args.students:
             overrides["students"] = [s.strip() for s in args.students.split(",") if s.strip()]
         overrides["retrain_teachers"] = args.retrain_teachers
+        overrides["teachers_dir"] = args.teachers
         config = full_config(**overrides) if args.full else dataclasses.replace(DemoConfig(), **overrides)
         report = run_demo(config, args.out, args.data, force=args.force)
         print(report_markdown(report))

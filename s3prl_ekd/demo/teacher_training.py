@@ -39,7 +39,7 @@ DEFAULT_SIZE = dict(
 # so label i belongs to CNN frame i.
 CONV_LAYERS = frames.parse_conv_layers(DEFAULT_SIZE["conv_feature_layers"])
 HOP, WINDOW = frames.hop_length(CONV_LAYERS), frames.receptive_field(CONV_LAYERS)
-DEFAULT_STEPS = 200
+DEFAULT_STEPS = 3000  # the shipped teachers' recipe (pretrain_configs/teachers/README.md)
 DEFAULT_LR = 1e-3
 DEFAULT_CLUSTERS = 50
 # HuBERT Base predicts masked frames only; the demo's short runs also predict the unmasked ones
@@ -48,6 +48,12 @@ DEFAULT_UNMASKED_WEIGHT = 1.0
 FEATURES_PENALTY_WEIGHT = 10.0  # HuBERT's loss_weights: [10] on the CNN output's mean square
 WAVLM_MIX_PROB = 0.5  # fraction of utterances that get a second speaker mixed in
 KMEANS_VERSION = 1  # bump when the MFCC/k-means recipe changes, to invalidate caches
+# The corpus the shipped teachers learnt from: the train split of
+# `s3prl-ekd corpus synth DIR --utterances 1000 --speakers 12 --seed 0` (800 utterances, 39 min).
+# Its sentences are the first 800 of the seed-0 sequence; the demo's test split (seed 0, 1200
+# utterances) says sentences 800-1199, so no test sentence was heard by a teacher.
+RECIPE_CORPUS = {"utterances": 1000, "speakers": 12, "seed": 0}
+RECIPE_SEED = 0
 
 
 # ---------------------------------------------------------------------------------------------
