@@ -236,6 +236,8 @@ def test_once(task: str, checkpoint: Path, expdir: Path, fold: str | None, opts:
     -> (per-utterance scores, seconds, command)."""
     spec = TASK_SPECS[task]
     argv = ["-m", "evaluate", "-e", str(checkpoint), "-t", spec.test_split, "--device", opts.device]
+    if opts.memoize_gib:  # in one process, the tasks' test splits share one upstream pass per utterance
+        argv += ["--memoize-upstream", str(opts.memoize_gib)]
     if corpus_test:
         argv += ["-o", f"args.expdir={expdir},,config.downstream_expert.corpus.test=['{corpus_test}']"]
     command = downstream_command(argv)
