@@ -98,3 +98,15 @@ def test_auto_resume_skips_unreadable_newest(tmp_path, ekd_checkpoints, capsys):
     (tmp_path / "states-10.ckpt").unlink()
     with pytest.raises(CheckpointError, match="none of its 1 checkpoint"):
         runner.newest_readable_checkpoint(tmp_path)
+
+
+def test_checkpoints_load_from_many_threads_at_once(ekd_checkpoints):
+    """torch's safe_globals() is process-wide state: concurrent loads must not undo each other's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from s3prl_ekd.io.checkpoint import newest_checkpoint
+
+    folders = [path.parent for path in ekd_checkpoints.values()] * 8
+    with ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(newest_checkpoint, folders))
+    assert found == [newest_checkpoint(folder) for folder in folders]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import threading
 from pathlib import Path
 
 from s3prl_ekd.errors import CheckpointError
@@ -56,12 +57,18 @@ def runner_safe_globals() -> list:
     return allowed
 
 
+# torch's safe_globals() sets and then restores one process-wide list: two threads loading at once
+# (the demo's students, two at a time) could each restore the list under the other's load.
+_SAFE_GLOBALS_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def runner_checkpoints_allowed():
-    """Within this block, torch.load(weights_only=True) reads s3prl runner checkpoints."""
+    """Within this block, torch.load(weights_only=True) reads s3prl runner checkpoints (one thread
+    at a time)."""
     import torch
 
-    with torch.serialization.safe_globals(runner_safe_globals()):
+    with _SAFE_GLOBALS_LOCK, torch.serialization.safe_globals(runner_safe_globals()):
         yield
 
 
