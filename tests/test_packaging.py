@@ -130,3 +130,23 @@ def test_pip_uninstall_removes_the_start_up_hook(scratch):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not (scratch["site"] / "s3prl_ekd_hub.pth").exists()
     assert not (scratch["site"] / "s3prl_ekd").exists()
+
+
+def test_the_wheel_ships_the_demo_teachers(scratch):
+    """The demo's teachers are package data: found, hashed as their README says, and loaded by the
+    shipped tiny config, from the installed package."""
+    out = run(scratch, str(scratch["python"]), "-c", """
+import hashlib
+from s3prl_ekd.core.config import load_config
+from s3prl_ekd.demo.pipeline import shipped_teachers
+from s3prl_ekd.io.resources import pretrain_config
+for kind, path in shipped_teachers().items():
+    print(kind, path, hashlib.sha256(path.read_bytes()).hexdigest())
+print("tiny", *[t.ckpt for t in load_config(pretrain_config("tiny_cpu.yaml")).teachers])
+""")
+    readme = (PROJECT_ROOT / "pretrain_configs" / "teachers" / "README.md").read_text()
+    lines = dict((line.split()[0], line.split()[1:]) for line in out.splitlines())
+    for kind in ("hubert", "robust_hubert", "wavlm"):
+        path, digest = lines[kind]
+        assert path.startswith(str(scratch["site"])) and f"`{digest}`" in readme, (kind, path)
+    assert all(p.startswith(str(scratch["site"])) for p in lines["tiny"])
