@@ -124,14 +124,6 @@ def test_user_path_from_any_directory_writes_nothing_into_site_packages(scratch,
     assert snapshot(scratch["site"]) == before["site"], "the environment's site-packages changed"
 
 
-def test_pip_uninstall_removes_the_start_up_hook(scratch):
-    proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(scratch["python"]), "uninstall", "-y",
-                           "s3prl-ekd"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert not (scratch["site"] / "s3prl_ekd_hub.pth").exists()
-    assert not (scratch["site"] / "s3prl_ekd").exists()
-
-
 def test_the_wheel_ships_the_demo_teachers(scratch):
     """The demo's teachers are package data: found, hashed as their README says, and loaded by the
     shipped tiny config, from the installed package."""
@@ -150,3 +142,13 @@ print("tiny", *[t.ckpt for t in load_config(pretrain_config("tiny_cpu.yaml")).te
         path, digest = lines[kind]
         assert path.startswith(str(scratch["site"])) and f"`{digest}`" in readme, (kind, path)
     assert all(p.startswith(str(scratch["site"])) for p in lines["tiny"])
+
+
+def test_pip_uninstall_removes_the_start_up_hook(scratch):
+    """Last in this module: it uninstalls the wheel the other tests share."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(scratch["python"]), "uninstall", "-y",
+                           "s3prl-ekd"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (scratch["site"] / "s3prl_ekd_hub.pth").exists()
+    assert not (scratch["site"] / "s3prl_ekd").exists()
+
