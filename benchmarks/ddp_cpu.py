@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from s3prl_ekd.demo.pipeline import TEACHER_KINDS, model_config, shipped_teachers
+from s3prl_ekd.demo.pipeline import TEACHER_KINDS, DemoConfig, model_config, shipped_teachers
 from s3prl_ekd.io.resources import pretrain_config
 
 CLI = str(Path(sys.executable).parent / "s3prl-ekd")
+CROP_SAMPLES = DemoConfig().student_crop_samples  # 1.5 s
 # (label, processes, threads per process)
 SETTINGS = [("1 process x 1 thread", 1, 1), ("1 process x 2 threads", 1, 2), ("2 processes x 1 thread (gloo)", 2, 1)]
 
@@ -37,7 +38,7 @@ def run(processes: int, threads: int, steps: int, model: Path, audio_dir: Path, 
     """Seconds of wall time for one `s3prl-ekd pretrain` of `steps` steps."""
     overrides = [f"config.pretrain_expert.datarc.audio_dir={audio_dir}",
                  f"config.pretrain_expert.datarc.train_batch_size={batch}",
-                 "config.pretrain_expert.datarc.sequence_length=24000",
+                 f"config.pretrain_expert.datarc.sequence_length={CROP_SAMPLES}",
                  f"config.runner.total_steps={steps}", f"config.runner.save_step={steps - 1}",
                  f"config.runner.log_step={steps - 1}", "config.runner.max_keep=1"]
     args = ["pretrain", "-u", "ekd_distiller", "-g", str(model), "-c", str(pretrain_config("tiny_cpu_runner.yaml")),
@@ -87,7 +88,7 @@ def main() -> None:
         rows.append({"setting": label, "processes": processes, "threads": threads, "seconds_per_step": times,
                      "median": statistics.median(times), "speedup_vs_1x1": ratios})
     result = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "machine": platform.machine(),
-              "cpus": os.cpu_count(), "batch": args.batch, "crop_samples": 24000, "steps": [args.short, args.long],
+              "cpus": os.cpu_count(), "batch": args.batch, "crop_samples": CROP_SAMPLES, "steps": [args.short, args.long],
               "model": "demo student 2 x 192 (frozen CNN), 3 live teachers, layerwise_average", "rows": rows}
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# CPU step time, 1 vs 2 processes ({result['date']}, torch {result['torch']}, {result['cpus']} CPUs)",

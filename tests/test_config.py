@@ -1,5 +1,7 @@
 """Every config mistake fails at load with the key and the fix, before models are built."""
 
+from pathlib import Path
+
 import pytest
 from conftest import write_yaml
 
@@ -100,7 +102,7 @@ def test_paper_configs_load():
     for name in models:
         config = load_config(pretrain_config(name))
         for teacher in config.teachers:
-            assert teacher.ckpt is None or __import__("os").path.isfile(teacher.ckpt), (name, teacher.ckpt)
+            assert teacher.ckpt is None or Path(teacher.ckpt).is_file(), (name, teacher.ckpt)
             assert teacher.layers, (name, teacher.name)
     for name in runners:
         config = yaml.safe_load(pretrain_config(name).read_text())

@@ -10,7 +10,8 @@ from s3prl_ekd.demo.pipeline import DemoConfig, comparisons, full_config, run_de
 
 
 def tiny_config(**overrides) -> DemoConfig:
-    return DemoConfig(**{"utterances": 48, "speakers": 4, "held_out": (0.2, 0.2), "students": ["distil_wavlm", "ekd_average"], "baselines": False,
+    return DemoConfig(**{"utterances": 48, "speakers": 4, "held_out": (0.2, 0.2),
+                         "students": ["distil_wavlm", "ekd_average"], "baselines": False,
                          "student_steps": 3, "superb_steps": 2, "lr_grid": [1e-3], "early_stop": 1,
                          "bootstrap": 200, "jobs": 2, **overrides})
 

@@ -29,6 +29,7 @@ from s3prl_ekd.core.student import ekd_student_demo
 from s3prl_ekd.errors import UserError
 from s3prl_ekd.io.files import atomic_write_json, atomic_write_text, claim_out, fingerprint, refuse_foreign_out
 from s3prl_ekd.io.resources import pretrain_config
+from s3prl_ekd.recipes.manifest import read_manifest
 
 TEACHER_KINDS = ("hubert", "robust_hubert", "wavlm")
 TEACHER_HUB = {"hubert": "hubert_local", "robust_hubert": "hubert_local", "wavlm": "wavlm_local"}
@@ -130,8 +131,7 @@ def retrained_teachers(config: DemoConfig, data: Path, folder: Path, progress: b
     corpus = data / "teacher-corpus-seed{seed}-n{utterances}-s{speakers}".format(**RECIPE_CORPUS)
     manifest = synthesize_corpus(corpus, RECIPE_CORPUS["utterances"], RECIPE_CORPUS["speakers"],
                                  seed=RECIPE_CORPUS["seed"], progress=progress)
-    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-    train_audio = [corpus / r["audio"] for r in rows if r["split"] == "train"]
+    train_audio = [row.audio for row in read_manifest(manifest) if row.split == "train"]
     steps = config.teacher_steps or DEFAULT_STEPS
     out = {}
     for kind in TEACHER_KINDS:
@@ -423,9 +423,9 @@ def run_demo(config: DemoConfig, out: str | os.PathLike = "results/demo", data: 
                                                          seed=config.seed, progress=progress, held_out=config.held_out))
     superb_data = data / "superb"
     stage("prepare", lambda: prepare_all(manifest, superb_data, progress=progress, noisy_snr_db=config.noisy_snr_db))
-    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-    train_audio = [corpus_dir / r["audio"] for r in rows if r["split"] == "train"]
-    test_utterances = sum(r["split"] == "test" for r in rows)
+    rows = read_manifest(manifest)
+    train_audio = [row.audio for row in rows if row.split == "train"]
+    test_utterances = sum(row.split == "test" for row in rows)
     audio_dir = data / "train-audio"  # the unlabeled training split, as links
     audio_dir.mkdir(parents=True, exist_ok=True)
     for path in train_audio:
