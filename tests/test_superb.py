@@ -26,7 +26,7 @@ def test_every_recipe_profile_is_complete():
     small = yaml.safe_load(recipe_file("asr", "cpu-small.yaml").read_text())
     paper = yaml.safe_load(recipe_file("asr", "superb.yaml").read_text())
     assert paper["downstream_expert"]["modelrc"]["RNNs"]["dim"] == [1024, 1024]
-    assert small["runner"]["total_steps"] <= 500 < paper["runner"]["total_steps"]
+    assert small["runner"]["total_steps"] <= 1000 < paper["runner"]["total_steps"]
 
 
 def test_recipe_config_takes_prepared_paths_and_steps():
@@ -96,7 +96,7 @@ def test_four_tasks_train_and_test_with_fbank(tmp_path):
     assert saved["tasks"]["asr"]["wer"] == pytest.approx(wer, abs=1e-3)
 
     for task, run in saved["runs"].items():
-        assert run["steps"] == [4]
+        assert run["steps"] == [4] and run["max_steps"] == 4 and run["best_step"][0] in (2, 4)  # evaluated at 2, 4
         train, test = run["commands"]
         assert "-m train -u fbank" in train and f"-c {out / task}/" in train
         assert "-m evaluate -e" in test
@@ -161,6 +161,21 @@ def test_lr_grid_picks_on_dev_and_noisy_pr_is_scored(tmp_path):
                              progress=False, lr_grid=[1e-2, 1e-4], early_stop=3, memoize_gib=1.0, in_process=True)
     assert here["tasks"] == results["tasks"]
     assert here["runs"]["pr"]["runs"]["pr"]["scores"] == run["scores"]
+
+
+def test_lr_grid_per_task(tmp_path):
+    """A grid for one task sweeps that task only; the others keep their recipe's rate."""
+    assert superb.parse_lr_grid(["1e-3,1e-2", "asr=1e-3"], "pr,asr") == {"pr": [1e-3, 1e-2], "asr": [1e-3]}
+    manifest = synthesize_corpus(tmp_path / "corpus", utterances=40, speakers=4, seed=0, progress=False)
+    prepare_all(manifest, tmp_path / "data")
+    with pytest.raises(ConfigError, match="--lr-grid: unknown task"):
+        superb.run_superb("fbank", None, tmp_path / "data", "er", "cpu-small", tmp_path / "bad", steps=2,
+                          progress=False, lr_grid={"wer": [1e-3]})
+    results = superb.run_superb("fbank", None, tmp_path / "data", "er,sid", "cpu-small", tmp_path / "r", steps=2,
+                                progress=False, lr_grid={"sid": [1e-4, 1e-2]}, in_process=True)
+    recipe_lr = yaml.safe_load(recipe_file("er", "cpu-small.yaml").read_text())["optimizer"]["lr"]
+    assert list(results["runs"]["er"]["runs"]["fold1"]["dev"]) == [f"{recipe_lr:g}"]
+    assert list(results["runs"]["sid"]["runs"]["sid"]["dev"]) == ["0.0001", "0.01"]
 
 
 def test_demo_stage_rerun_on_recipe_change(tmp_path, monkeypatch):

@@ -39,6 +39,7 @@ from s3prl_ekd.recipes.scores import percent, utterance_scores
 PROFILES = ("cpu-small", "superb")
 MARKER_NAME = ".s3prl_ekd_superb"  # marks experiment folders superb made, the only ones it clears
 RESULT_NAME = "task_result.json"
+RESULT_VERSION = 2  # bump when task_result.json's fields change: older results are then re-run
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ class SuperbOptions:
     seed: int = 1337
     threads: int | None = None          # OMP threads per run (1 on CPU by default)
     steps: int | None = None            # training steps (default: the profile's)
-    lr_grid: list[float] = field(default_factory=list)  # empty: the recipe's learning rate only
+    lr_grid: dict[str, list[float]] = field(default_factory=dict)  # task -> rates; absent: the recipe's rate
     early_stop: int | None = None       # stop after this many evaluations without a better dev metric
     memoize_gib: float | None = None    # keep up to this many GiB of upstream states per process
     in_process: bool = False            # run_downstream.py in this process, one run after another
@@ -268,7 +269,7 @@ def run_one(task: str, config: dict, expdir: Path, upstream: str, ckpt: str | No
             upstream_config: str | None, opts: SuperbOptions, noisy_test: str | None = None) -> RunResult:
     """The learning-rate sweep (or the recipe's rate) on dev, then test with the winner."""
     spec = TASK_SPECS[task]
-    rates = opts.lr_grid or [None]
+    rates = opts.lr_grid.get(task) or [None]
     runs = []
     expdir.mkdir(parents=True, exist_ok=True)
     (expdir / MARKER_NAME).write_text("made by s3prl-ekd superb\n")
@@ -312,8 +313,8 @@ def run_task(task: str, upstream: str, ckpt: str | None, data_dir: Path, profile
         folds = prepared.get("folds") or [config["downstream_expert"]["datarc"]["test_fold"]]
         folds = folds if ALL_FOLDS[profile] else folds[:1]
     noisy_test = prepared.get("noisy_test") if task == "pr" else None
-    key = fingerprint(task, upstream, _file_stamp(ckpt), _file_stamp(upstream_config), profile, config,
-                      prepared.get("fingerprint"), folds, noisy_test, opts.device, opts.seed, opts.lr_grid,
+    key = fingerprint(RESULT_VERSION, task, upstream, _file_stamp(ckpt), _file_stamp(upstream_config), profile, config,
+                      prepared.get("fingerprint"), folds, noisy_test, opts.device, opts.seed, opts.lr_grid.get(task),
                       opts.early_stop, opts.memoize_gib is not None)
     task_dir = out_dir / task
     result_path = task_dir / RESULT_NAME
@@ -333,7 +334,8 @@ def run_task(task: str, upstream: str, ckpt: str | None, data_dir: Path, profile
     values = [r.value for r in runs.values()]
     result = {
         "task": task, "metric": spec.metric, "value": round(sum(values) / len(values), 4),
-        "steps": [r.steps for r in runs.values()], "lr": [r.lr for r in runs.values()],
+        "steps": [r.steps for r in runs.values()], "best_step": [r.best_step for r in runs.values()],
+        "max_steps": int(config["runner"]["total_steps"]), "lr": [r.lr for r in runs.values()],
         "train_seconds": round(sum(r.train_seconds for r in runs.values()), 1),
         "test_seconds": round(sum(r.test_seconds for r in runs.values()), 1),
         "commands": [c for r in runs.values() for c in r.commands],
@@ -355,7 +357,8 @@ def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os
                out_dir: str | os.PathLike = "results/superb", upstream_config: str | None = None,
                device: str | None = None, seed: int = 1337, threads: int | None = None,
                steps: int | None = None, force: bool = False, progress: bool = True,
-               jobs: int | None = None, lr_grid: list[float] | None = None, early_stop: int | None = None,
+               jobs: int | None = None, lr_grid: list[float] | dict[str, list[float]] | None = None,
+               early_stop: int | None = None,
                memoize_gib: float | None = None, in_process: bool = False) -> dict:
     """Benchmark `upstream` on `tasks`; write and return results.json's content.
 
@@ -366,7 +369,7 @@ def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os
     file, config, data, options) is already in `out_dir` is not run again unless `force`.
     `threads` (default: 1 on CPU, torch's choice on GPU) sets OMP_NUM_THREADS for each run; `steps`
     shortens (or lengthens) every training run; `lr_grid` replaces the recipe's learning rate by a
-    sweep picked on dev; `early_stop` ends a run after that many evaluations without a better dev
+    sweep picked on dev (one list for every task, or {task: list} for the tasks named); `early_stop` ends a run after that many evaluations without a better dev
     metric; `memoize_gib` keeps the frozen upstream's states in memory across epochs (and, with
     `in_process`, across tasks and learning rates: every run happens in this process, one after
     another). `jobs` tasks run at once (default: on CPU, as many as the cores hold at `threads`
@@ -393,9 +396,14 @@ def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os
         jobs = max(1, cores // (threads or 1)) if device == "cpu" else 1  # cores this process may use
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: use 1 or more")
-    if any(lr <= 0 for lr in lr_grid or []):
+    grids = lr_grid if isinstance(lr_grid, dict) else {task: list(lr_grid or []) for task in names}
+    unknown = sorted(set(grids) - set(TASKS))
+    if unknown:
+        raise ConfigError(f"--lr-grid: unknown task(s) {unknown}; use some of {', '.join(TASKS)}")
+    if any(lr <= 0 for rates in grids.values() for lr in rates):
         raise ConfigError(f"--lr-grid {lr_grid}: learning rates must be positive")
-    opts = SuperbOptions(device, seed, threads, steps, sorted(lr_grid or []), early_stop, memoize_gib, in_process)
+    grids = {task: sorted(rates) for task, rates in grids.items() if task in names and rates}
+    opts = SuperbOptions(device, seed, threads, steps, grids, early_stop, memoize_gib, in_process)
     for task in names:
         recipe_config(task, profile, load_prepared(data_dir, task), steps)  # fail before training
     claim_out(out_dir, MARKER_NAME, "s3prl-ekd superb")
@@ -415,8 +423,8 @@ def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os
             bar.update(1)
             ordered = [t for t in names if t in done]  # the table keeps the order asked for
             results["tasks"] = {t: {done[t]["metric"]: done[t]["value"]} for t in ordered}
-            results["runs"] = {t: {k: done[t][k] for k in ("steps", "lr", "train_seconds", "test_seconds",
-                                                           "commands", "runs")} for t in ordered}
+            results["runs"] = {t: {k: done[t][k] for k in ("steps", "best_step", "max_steps", "lr", "train_seconds",
+                                                           "test_seconds", "commands", "runs")} for t in ordered}
             if "pr" in done and done["pr"]["runs"]["pr"]["noisy"]:
                 results["tasks"][NOISY_TASK] = {"per": done["pr"]["runs"]["pr"]["noisy"]["value"]}
             write_results(results, out_dir)  # a partial table survives an interrupted run
@@ -433,7 +441,7 @@ def results_markdown(results: dict) -> str:
     lines = [f"# SUPERB-style results: {results['upstream']}", "",
              f"- upstream checkpoint: {results.get('upstream_ckpt') or '-'}",
              f"- profile: {results['profile']}; data: {results['data']}; device: {results['device']}",
-             "", "| task | metric (test, %) | value | steps | lr (picked on dev) | train s | test s |",
+             "", "| task | metric (test, %) | value | steps (best / ran / cap) | lr (picked on dev) | train s | test s |",
              "|---|---|---|---|---|---|---|"]
     for task, metrics in results["tasks"].items():
         (metric, value), = metrics.items()
@@ -441,7 +449,7 @@ def results_markdown(results: dict) -> str:
         if run is None:  # pr_noisy: PR's model, tested again
             lines.append(f"| {task} | {metric} ({arrow[metric]}) | {value:.2f} | (pr's) | | |")
             continue
-        steps = ", ".join(map(str, run["steps"]))
+        steps = ", ".join(f"{best} / {ran} / {run['max_steps']}" for best, ran in zip(run["best_step"], run["steps"]))
         lrs = ", ".join(f"{lr:g}" for lr in run["lr"])
         lines.append(f"| {task} | {metric} ({arrow[metric]}) | {value:.2f} | {steps} | {lrs} | "
                      f"{run['train_seconds']:.0f} | {run['test_seconds']:.0f} |")
@@ -467,8 +475,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--threads", type=int, help="CPU threads per run (default: 1 on CPU)")
     p.add_argument("--steps", type=int, help="training steps per task (default: the profile's)")
     p.add_argument("--jobs", type=int, help="tasks run at once (default: CPU cores / threads; 1 on GPU)")
-    p.add_argument("--lr-grid", help="comma list of learning rates, each trained and the best on dev kept "
-                                     "(SUPERB's protocol); default: the recipe's rate")
+    p.add_argument("--lr-grid", action="append", metavar="[TASK=]RATES",
+                   help="comma list of learning rates, each trained and the best on dev kept (SUPERB's protocol), "
+                        "for every task or, as TASK=RATES (repeatable), for one; default: the recipe's rate")
     p.add_argument("--early-stop", type=int, help="stop a run after N evaluations without a better dev metric")
     p.add_argument("--memoize-upstream", type=float, metavar="GIB",
                    help="keep up to GIB of the frozen upstream's states, computed once per utterance")
@@ -481,7 +490,7 @@ def register_cli(subparsers) -> None:
         results = run_superb(args.upstream, args.ckpt, args.data, args.tasks, args.profile,
                              args.out, args.upstream_config, args.device, args.seed,
                              args.threads, args.steps, args.force, jobs=args.jobs,
-                             lr_grid=parse_floats(args.lr_grid, "--lr-grid") if args.lr_grid else None,
+                             lr_grid=parse_lr_grid(args.lr_grid, args.tasks) if args.lr_grid else None,
                              early_stop=args.early_stop, memoize_gib=args.memoize_upstream,
                              in_process=args.in_process)
         print(results_markdown(results).split("## Commands")[0].rstrip())
@@ -489,6 +498,18 @@ def register_cli(subparsers) -> None:
         return 0
 
     p.set_defaults(func=_superb)
+
+
+def parse_lr_grid(entries: list[str], tasks: str) -> dict[str, list[float]]:
+    """["1e-3,1e-2", "asr=1e-3"] -> {task: rates}: a bare list for every task of `tasks`, TASK=RATES
+    for that one (later entries win)."""
+    grids: dict[str, list[float]] = {}
+    for entry in entries:
+        task, _, rates = entry.rpartition("=")
+        targets = [task.strip()] if task else parse_tasks(tasks)
+        for name in targets:
+            grids[name] = parse_floats(rates, f"--lr-grid {entry}")
+    return grids
 
 
 def parse_floats(text: str, flag: str) -> list[float]:
