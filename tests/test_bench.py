@@ -45,6 +45,9 @@ def test_bench_json_has_every_field(tiny_bench):
     assert result["torch_threads"] == 1
     assert 0.0 <= result["loader_share"] < 1.0
     assert _positive(result["inference_speedup_vs_hubert_base"])
+    assert all(_positive(result[f"inference_{k}"]) for k in ("t_student_cnn", "speedup_bound_same_cnn",
+                                                                 "speedup_slim_cnn"))
+    assert result["inference_slim_cnn"] == "[(32,10,5), (32,3,2), (32,3,2), (32,3,2), (32,3,2), (32,2,2), (32,2,2)]"
     assert _positive(result["student_params"]) and isinstance(result["student_params"], int)
     assert list(result["teacher_params"]) == ["hubert", "hubert_robust", "wavlm"]
     assert all(_positive(n) for n in result["teacher_params"].values())

@@ -11,6 +11,7 @@ reported as median and spread.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import os
@@ -26,7 +27,8 @@ from typing import Callable
 import torch
 
 from s3prl_ekd.core.config import AGGREGATIONS
-from s3prl_ekd.core.student import distilhubert_base, ekd_student_tiny
+from s3prl_ekd.core.frames import parse_conv_layers
+from s3prl_ekd.core.student import EKDStudent, distilhubert_base, ekd_student_tiny
 from s3prl_ekd.errors import UserError
 from s3prl_ekd.io.audio import SAMPLE_RATE
 from s3prl_ekd.io.files import atomic_write_json, atomic_write_text
@@ -407,18 +409,31 @@ def loader_share(expert, setting: BenchSetting) -> dict:
             "loader_workers": loader.num_workers, "loader_batches": len(loader)}
 
 
+def slim_cnn(conv_feature_layers: str, factor: int = 2) -> str:
+    """The same CNN with `factor` times fewer channels per layer (same kernels and strides)."""
+    layers = parse_conv_layers(conv_feature_layers)
+    return "[" + ", ".join(f"({max(1, dim // factor)},{kernel},{stride})" for dim, kernel, stride in layers) + "]"
+
+
 @torch.inference_mode()
 def inference_speedup(expert, setting: BenchSetting) -> dict:
-    """Student (backbone, as a SUPERB upstream) vs the HuBERT teacher on one 10 s utterance."""
+    """Student (backbone, as a SUPERB upstream) vs the HuBERT teacher on one 10 s utterance; also the
+    student's CNN alone (the student keeps HuBERT's CNN, so t_hubert / t_cnn bounds its speed-up) and
+    the same student with a CNN of half the channels (random weights: its speed, not its quality)."""
     device = torch.device(setting.device)
     samples = int(round(setting.inference_seconds * SAMPLE_RATE))
     wav = 0.1 * torch.randn(samples, generator=torch.Generator().manual_seed(1)).to(device)
     hubert = expert.teachers.upstreams[0]
     student = expert.student
+    config = dataclasses.replace(student.config, init_from_teacher=False,
+                                 conv_feature_layers=slim_cnn(student.config.conv_feature_layers))
+    slim = EKDStudent(config, [], 0).to(device).eval()
     student.eval()
     lengths = torch.tensor([samples], device=device)
     try:
-        parts = {"student": lambda: student(wav[None], lengths, predict=False), "hubert": lambda: hubert([wav])}
+        parts = {"student": lambda: student(wav[None], lengths, predict=False), "hubert": lambda: hubert([wav]),
+                 "student_cnn": lambda: student.backbone.feature_extractor(wav[None]),
+                 "slim": lambda: slim(wav[None], lengths, predict=False)}
         times = {name: [] for name in parts}
         for rep in range(setting.warmup + setting.reps):
             for name, fn in parts.items():
@@ -427,9 +442,13 @@ def inference_speedup(expert, setting: BenchSetting) -> dict:
                     times[name].append(seconds)
     finally:
         student.train()
-    t_student, t_hubert = statistics.median(times["student"]), statistics.median(times["hubert"])
-    return {"inference_speedup_vs_hubert_base": t_hubert / t_student,
-            "inference_t_student": t_student, "inference_t_hubert": t_hubert,
+    t = {name: statistics.median(values) for name, values in times.items()}
+    return {"inference_speedup_vs_hubert_base": t["hubert"] / t["student"],
+            "inference_t_student": t["student"], "inference_t_hubert": t["hubert"],
+            "inference_t_student_cnn": t["student_cnn"],
+            "inference_speedup_bound_same_cnn": t["hubert"] / t["student_cnn"],
+            "inference_slim_cnn": config.conv_feature_layers,
+            "inference_speedup_slim_cnn": t["hubert"] / t["slim"],
             "inference_seconds": setting.inference_seconds,
             "inference_reference": f"hubert ({setting.size} architecture, random weights)"}
 
@@ -601,7 +620,10 @@ def markdown_table(result: dict) -> str:
         f"({result['loader_steps']} steps, {result['loader_workers']} workers)",
         f"- parameters: student {result['student_params'] / 1e6:.2f}M (without heads); teachers {params}",
         f"- inference on {result['inference_seconds']:g} s: student {result['inference_t_student']:.3f} s, "
-        f"HuBERT {result['inference_t_hubert']:.3f} s, speed-up {result['inference_speedup_vs_hubert_base']:.2f}x",
+        f"HuBERT {result['inference_t_hubert']:.3f} s, speed-up {result['inference_speedup_vs_hubert_base']:.2f}x; "
+        f"the student's CNN (HuBERT's) alone {result['inference_t_student_cnn']:.3f} s, so no student with this CNN "
+        f"can exceed {result['inference_speedup_bound_same_cnn']:.2f}x; the same student with half the CNN channels "
+        f"({result['inference_slim_cnn']}, not distilled here): {result['inference_speedup_slim_cnn']:.2f}x",
     ]
     if cached:
         lines.append("- cached step / student forward+backward alone: " + ", ".join(
