@@ -199,6 +199,27 @@ def test_same_seed_gives_the_same_checkpoint(kind, wav_files, tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(np.random.get_state(), numpy_state))
 
 
+def test_robust_teacher_continues_from_a_trained_hubert(trained, wav_files, tmp_path):
+    """init_from starts from the checkpoint's weights: the first step's loss is the trained model's, not a
+    random one's; another architecture or a wavlm teacher is refused, naming the file."""
+    hubert = trained["hubert"].ckpt_path
+    args = dict(TRAIN, lr=1e-4)
+    continued = tt.train_teacher("robust_hubert", wav_files, tmp_path / "r.pt", steps=2, seed=0, init_from=hubert,
+                                 distort_prob=0.0, **args)
+    scratch = tt.train_teacher("robust_hubert", wav_files, tmp_path / "s.pt", steps=2, seed=0, distort_prob=0.0,
+                               **args)
+    assert continued.loss_curve[0][1] < 0.8 * scratch.loss_curve[0][1]
+    assert continued.config["init_from"]["sha256"] == tt.file_sha256(hubert)
+    with pytest.raises(ConfigError, match=f"init_from {hubert}: its encoder_layers differ"):
+        tt.train_teacher("robust_hubert", wav_files, tmp_path / "x.pt", steps=1, init_from=hubert,
+                         **dict(args, size={**TINY, "encoder_layers": 3}))
+    with pytest.raises(ConfigError, match="not wavlm"):
+        tt.train_teacher("wavlm", wav_files, tmp_path / "x.pt", steps=1, init_from=hubert, **args)
+    with pytest.raises(ConfigError, match="distort_prob"):
+        tt.train_teacher("robust_hubert", wav_files, tmp_path / "x.pt", steps=1, distort_prob=1.5, **args)
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_bad_arguments_name_the_problem(wav_files, tmp_path):
     with pytest.raises(ConfigError, match="kind"):
         tt.train_teacher("wav2vec2", wav_files, tmp_path / "t.pt", steps=1)

@@ -1,7 +1,8 @@
 """Train the demo's three small teachers without labels, so that they carry different knowledge.
 
 `hubert`: HuBERT masked prediction of MFCC k-means targets; `robust_hubert`: the same from distorted
-input (noise, reverberation, band-limiting) against clean targets; `wavlm`: s3prl's WavLM with
+input (noise, reverberation, band-limiting) against clean targets, in the recipe continued from the
+trained `hubert` as RobustHuBERT continues from HuBERT Base; `wavlm`: s3prl's WavLM with
 utterance-mixing denoising. Checkpoints load with `s3prl.hub.hubert_local` / `wavlm_local`.
 """
 
@@ -54,6 +55,11 @@ KMEANS_VERSION = 1  # bump when the MFCC/k-means recipe changes, to invalidate c
 # utterances) says sentences 800-1199, so no test sentence was heard by a teacher.
 RECIPE_CORPUS = {"utterances": 1000, "speakers": 12, "seed": 0}
 RECIPE_SEED = 0
+# The robust teacher of the recipe is not trained from scratch: like RobustHuBERT (HuBERT Base
+# continued on distorted speech), it starts from the trained `hubert` teacher and continues on a mix
+# of distorted and clean input at a lower rate. From scratch on distorted input only, it learnt
+# less about clean speech than filterbanks give a BLSTM (demo ASR, 2026-11-26).
+ROBUST_RECIPE = {"init": "hubert", "steps": 1500, "lr": 5e-4, "distort_prob": 0.5}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,8 +390,11 @@ def train_teacher(kind: TeacherKind, audio_files: list[Path], out_path: Path, *,
                   seed: int = 0, size: dict | None = None, batch_size: int = 8, crop_seconds: float = 2.0,
                   lr: float = DEFAULT_LR, n_clusters: int = DEFAULT_CLUSTERS,
                   unmasked_weight: float = DEFAULT_UNMASKED_WEIGHT, cache_dir: Path | None = None,
+                  init_from: Path | None = None, distort_prob: float = 1.0,
                   progress: bool = True) -> TeacherTrainingResult:
-    """Train a `kind` teacher from scratch on `audio_files` (16 kHz mono) and save it at `out_path`.
+    """Train a `kind` teacher on `audio_files` (16 kHz mono) and save it at `out_path`: from scratch,
+    or continued from the weights of `init_from` (a hubert_local checkpoint of the same architecture
+    and clusters; hubert kinds only). `distort_prob`: fraction of robust_hubert's inputs distorted.
 
     The loss curve and the resolved settings go to `loss_curve_path(out_path)`. K-means targets are
     cached in `cache_dir` (default: `out_path`'s folder), so teachers trained on the same files
@@ -395,10 +404,12 @@ def train_teacher(kind: TeacherKind, audio_files: list[Path], out_path: Path, *,
     started = time.perf_counter()
     if kind not in KINDS:
         raise ConfigError(f"kind: unknown teacher kind {kind!r}; use one of {list(KINDS)}")
-    if steps < 1 or batch_size < 1 or crop_seconds < MIN_SECONDS or lr <= 0:
-        raise ConfigError(f"teacher training: need steps >= 1, batch_size >= 1, crop_seconds >= {MIN_SECONDS} "
-                          f"and lr > 0 (got steps={steps}, batch_size={batch_size}, "
-                          f"crop_seconds={crop_seconds}, lr={lr})")
+    if steps < 1 or batch_size < 1 or crop_seconds < MIN_SECONDS or lr <= 0 or not 0 <= distort_prob <= 1:
+        raise ConfigError(f"teacher training: need steps >= 1, batch_size >= 1, crop_seconds >= {MIN_SECONDS}, "
+                          f"lr > 0 and 0 <= distort_prob <= 1 (got steps={steps}, batch_size={batch_size}, "
+                          f"crop_seconds={crop_seconds}, lr={lr}, distort_prob={distort_prob})")
+    if init_from is not None and kind == "wavlm":
+        raise ConfigError(f"init_from {init_from}: continuing is for hubert / robust_hubert teachers, not wavlm")
     audio_files = [Path(f) for f in audio_files]
     if not audio_files:
         raise AudioError("teacher training: the audio file list is empty; pass the corpus' wav files")
@@ -407,6 +418,10 @@ def train_teacher(kind: TeacherKind, audio_files: list[Path], out_path: Path, *,
     config = dict(kind=kind, steps=steps, seed=seed, size=architecture, batch_size=batch_size,
                   crop_seconds=crop_seconds, lr=lr, n_clusters=n_clusters,
                   unmasked_weight=unmasked_weight, num_files=len(audio_files))
+    if init_from is not None:
+        config["init_from"] = {"file": Path(init_from).name, "sha256": file_sha256(init_from)}
+    if kind == "robust_hubert":
+        config["distort_prob"] = distort_prob
 
     audio = _load_corpus(audio_files)
     targets = cluster_targets(audio_files, audio, n_clusters=n_clusters, seed=seed,
@@ -419,7 +434,8 @@ def train_teacher(kind: TeacherKind, audio_files: list[Path], out_path: Path, *,
         np.random.seed(seed)
         records, model, save = _train(kind, audio, targets, architecture, steps=steps, batch_size=batch_size,
                                       crop_samples=int(crop_seconds * SAMPLE_RATE), lr=lr, seed=seed,
-                                      unmasked_weight=unmasked_weight, progress=progress)
+                                      unmasked_weight=unmasked_weight, init_from=init_from,
+                                      distort_prob=distort_prob, progress=progress)
     np.random.set_state(numpy_state)
     train_seconds = time.perf_counter() - train_started
     cpu_seconds = time.process_time() - cpu_started
@@ -441,8 +457,31 @@ def train_teacher(kind: TeacherKind, audio_files: list[Path], out_path: Path, *,
     return result
 
 
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_init_weights(model, model_cfg: dict, init_from: str | Path) -> None:
+    """Copy a hubert_local checkpoint's weights into `model`; another architecture or cluster count
+    is a ConfigError naming the file."""
+    try:
+        state = torch.load(init_from, map_location="cpu", weights_only=True)
+        saved_cfg, weights = state["model_cfg"], state["model_weight"]
+    except (OSError, KeyError, RuntimeError, TypeError) as error:
+        raise ConfigError(f"init_from {init_from}: not a readable hubert_local checkpoint ({error})") from error
+    differing = sorted(k for k in model_cfg if saved_cfg.get(k) != model_cfg[k])
+    if differing:
+        raise ConfigError(f"init_from {init_from}: its {', '.join(differing)} differ from the teacher being "
+                          "trained; continue from a checkpoint of the same size")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:  # e.g. another number of k-means clusters
+        raise ConfigError(f"init_from {init_from}: weights do not fit ({str(error).splitlines()[0]}); train "
+                          "with the same --clusters as that checkpoint") from error
+
+
 def _train(kind, audio, targets: ClusterTargets, architecture: dict, *, steps, batch_size, crop_samples,
-           lr, seed, unmasked_weight, progress):
+           lr, seed, unmasked_weight, progress, init_from=None, distort_prob=1.0):
     """The training loop proper; call with the global RNGs seeded.
 
     -> ([(step, MaskedPredictionLoss with float loss)], model, save(path) -> path).
@@ -462,6 +501,8 @@ def _train(kind, audio, targets: ClusterTargets, architecture: dict, *, steps, b
         # cosine logits over ~100 clusters.
         model, model_cfg, task_cfg, symbols = build_hubert("tiny", num_classes=targets.n_clusters,
                                                            **architecture)
+        if init_from is not None:
+            load_init_weights(model, model_cfg, init_from)
         parameters = list(model.parameters())
         loss_fn = lambda wavs, labels: hubert_masked_loss(  # noqa: E731
             model, wavs, labels, unmasked_weight=unmasked_weight)
@@ -481,7 +522,9 @@ def _train(kind, audio, targets: ClusterTargets, architecture: dict, *, steps, b
     for step in bar:
         indices, wavs, labels = batches.next()  # wavs (B, samples), labels (B, frames)
         if kind == "robust_hubert":
-            wavs = torch.stack([distort(wav, data_generator) for wav in wavs])
+            wavs = torch.stack([distort(wav, data_generator) if distort_prob == 1.0
+                                or torch.rand((), generator=data_generator).item() < distort_prob else wav
+                                for wav in wavs])
         elif kind == "wavlm":
             mixed = []
             for i, wav in zip(indices, wavs):
@@ -522,6 +565,9 @@ def register_cli(subparsers) -> None:
     train.add_argument("--crop-seconds", type=float, default=2.0)
     train.add_argument("--lr", type=float, default=DEFAULT_LR)
     train.add_argument("--clusters", type=int, default=DEFAULT_CLUSTERS, help="k-means clusters (targets)")
+    train.add_argument("--init", type=Path, help="continue from this hubert_local checkpoint (same size, clusters)")
+    train.add_argument("--distort-prob", type=float, default=1.0,
+                       help="robust_hubert: fraction of the inputs distorted (default 1)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cli_train)
 
@@ -531,7 +577,8 @@ def _cli_train(args) -> int:
 
     result = train_teacher(args.kind, list_audio_files(args.audio_dir), args.out, steps=args.steps,
                            seed=args.seed, batch_size=args.batch_size, crop_seconds=args.crop_seconds,
-                           lr=args.lr, n_clusters=args.clusters, progress=not args.quiet)
+                           lr=args.lr, n_clusters=args.clusters, init_from=args.init,
+                           distort_prob=args.distort_prob, progress=not args.quiet)
     tenth = max(1, len(result.loss_curve) // 10)
     first = sum(loss for _, loss in result.loss_curve[:tenth]) / tenth
     last = sum(loss for _, loss in result.loss_curve[-tenth:]) / tenth
