@@ -213,8 +213,13 @@ def test_robust_teacher_continues_from_a_trained_hubert(trained, wav_files, tmp_
     with pytest.raises(ConfigError, match=f"init_from {hubert}: its encoder_layers differ"):
         tt.train_teacher("robust_hubert", wav_files, tmp_path / "x.pt", steps=1, init_from=hubert,
                          **dict(args, size={**TINY, "encoder_layers": 3}))
-    with pytest.raises(ConfigError, match="not wavlm"):
+    with pytest.raises(ConfigError, match="not a readable wavlm_local checkpoint"):
         tt.train_teacher("wavlm", wav_files, tmp_path / "x.pt", steps=1, init_from=hubert, **args)
+    wavlm = trained["wavlm"].ckpt_path
+    again = tt.train_teacher("wavlm", wav_files, tmp_path / "w.pt", steps=1, seed=0, init_from=wavlm, **args)
+    start, after = (torch.load(path, weights_only=True)["model"] for path in (wavlm, again.ckpt_path))
+    # One step at lr 1e-4 from the trained weights (AdamW moves each by about lr), not from random ones.
+    assert max((after[k].float() - start[k].float()).abs().max().item() for k in start) < 1e-2
     with pytest.raises(ConfigError, match="distort_prob"):
         tt.train_teacher("robust_hubert", wav_files, tmp_path / "x.pt", steps=1, distort_prob=1.5, **args)
     assert not (tmp_path / "x.pt").exists()

@@ -393,8 +393,9 @@ def train_teacher(kind: TeacherKind, audio_files: list[Path], out_path: Path, *,
                   init_from: Path | None = None, distort_prob: float = 1.0,
                   progress: bool = True) -> TeacherTrainingResult:
     """Train a `kind` teacher on `audio_files` (16 kHz mono) and save it at `out_path`: from scratch,
-    or continued from the weights of `init_from` (a hubert_local checkpoint of the same architecture
-    and clusters; hubert kinds only). `distort_prob`: fraction of robust_hubert's inputs distorted.
+    or continued from the weights of `init_from` (a hubert_local / wavlm_local checkpoint of the same
+    architecture and, for hubert, clusters; wavlm's prediction head is not saved, so it starts afresh).
+    `distort_prob`: fraction of robust_hubert's inputs distorted.
 
     The loss curve and the resolved settings go to `loss_curve_path(out_path)`. K-means targets are
     cached in `cache_dir` (default: `out_path`'s folder), so teachers trained on the same files
@@ -408,8 +409,6 @@ def train_teacher(kind: TeacherKind, audio_files: list[Path], out_path: Path, *,
         raise ConfigError(f"teacher training: need steps >= 1, batch_size >= 1, crop_seconds >= {MIN_SECONDS}, "
                           f"lr > 0 and 0 <= distort_prob <= 1 (got steps={steps}, batch_size={batch_size}, "
                           f"crop_seconds={crop_seconds}, lr={lr}, distort_prob={distort_prob})")
-    if init_from is not None and kind == "wavlm":
-        raise ConfigError(f"init_from {init_from}: continuing is for hubert / robust_hubert teachers, not wavlm")
     audio_files = [Path(f) for f in audio_files]
     if not audio_files:
         raise AudioError("teacher training: the audio file list is empty; pass the corpus' wav files")
@@ -461,14 +460,16 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def load_init_weights(model, model_cfg: dict, init_from: str | Path) -> None:
-    """Copy a hubert_local checkpoint's weights into `model`; another architecture or cluster count
-    is a ConfigError naming the file."""
+def load_init_weights(model, model_cfg: dict, init_from: str | Path, kind: str) -> None:
+    """Copy a hubert_local (wavlm_local for kind wavlm) checkpoint's weights into `model`; another
+    format, architecture or cluster count is a ConfigError naming the file."""
+    cfg_key, weights_key, form = ("cfg", "model", "wavlm_local") if kind == "wavlm" else \
+        ("model_cfg", "model_weight", "hubert_local")
     try:
         state = torch.load(init_from, map_location="cpu", weights_only=True)
-        saved_cfg, weights = state["model_cfg"], state["model_weight"]
+        saved_cfg, weights = state[cfg_key], state[weights_key]
     except (OSError, KeyError, RuntimeError, TypeError) as error:
-        raise ConfigError(f"init_from {init_from}: not a readable hubert_local checkpoint ({error})") from error
+        raise ConfigError(f"init_from {init_from}: not a readable {form} checkpoint ({error})") from error
     differing = sorted(k for k in model_cfg if saved_cfg.get(k) != model_cfg[k])
     if differing:
         raise ConfigError(f"init_from {init_from}: its {', '.join(differing)} differ from the teacher being "
@@ -490,6 +491,8 @@ def _train(kind, audio, targets: ClusterTargets, architecture: dict, *, steps, b
 
     if kind == "wavlm":
         model, cfg = build_wavlm("tiny", **architecture)
+        if init_from is not None:
+            load_init_weights(model, cfg, init_from, kind)
         # The prediction head is a pretraining module: trained here, not saved.
         head = torch.nn.Linear(architecture["encoder_embed_dim"], targets.n_clusters)
         parameters = [*model.parameters(), *head.parameters()]
@@ -502,7 +505,7 @@ def _train(kind, audio, targets: ClusterTargets, architecture: dict, *, steps, b
         model, model_cfg, task_cfg, symbols = build_hubert("tiny", num_classes=targets.n_clusters,
                                                            **architecture)
         if init_from is not None:
-            load_init_weights(model, model_cfg, init_from)
+            load_init_weights(model, model_cfg, init_from, kind)
         parameters = list(model.parameters())
         loss_fn = lambda wavs, labels: hubert_masked_loss(  # noqa: E731
             model, wavs, labels, unmasked_weight=unmasked_weight)
@@ -565,7 +568,7 @@ def register_cli(subparsers) -> None:
     train.add_argument("--crop-seconds", type=float, default=2.0)
     train.add_argument("--lr", type=float, default=DEFAULT_LR)
     train.add_argument("--clusters", type=int, default=DEFAULT_CLUSTERS, help="k-means clusters (targets)")
-    train.add_argument("--init", type=Path, help="continue from this hubert_local checkpoint (same size, clusters)")
+    train.add_argument("--init", type=Path, help="continue from this checkpoint of the same kind and size")
     train.add_argument("--distort-prob", type=float, default=1.0,
                        help="robust_hubert: fraction of the inputs distorted (default 1)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
