@@ -29,12 +29,15 @@ def test_demo_smoke_then_rerun_from_disk(tmp_path):
             low, high = row["interval95"][task]
             assert low <= row["metrics"][task] <= high
         assert set(row["downstream_steps"]) == {"pr", "sid", "er", "asr"}
+        for steps in row["downstream_steps"].values():  # superb_steps=2: evaluated at steps 1 and 2
+            assert steps["cap"] == 2 and 1 <= steps["best"] <= steps["ran"] <= 2
     assert len(saved["comparisons"]) == 5 and {c["other"] for c in saved["comparisons"]} == {"distil_wavlm"}
     assert "ekd_average vs the single-teacher students, over 5 (student, task) pairs" in saved["verdict"]
     for name in ("report.md", "loss_curves.png", "metrics.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "| ekd_average | EKD student |" in markdown and "## Verdict" in markdown
+    assert "runs stopped early;" in markdown
 
     students = tmp_path / "out" / "students"
     stamps = {p: p.stat().st_mtime_ns for p in [*students.glob("*/states-*.ckpt"),
@@ -56,6 +59,10 @@ def test_retrained_teachers_follow_the_recipe_and_are_kept(tmp_path, monkeypatch
     assert (tmp_path / "data" / "teacher-corpus-seed0-n48-s4" / "manifest.jsonl").is_file()
     summary = json.loads(teacher_training.loss_curve_path(teachers["wavlm"]).read_text())
     assert summary["steps"] == 2 and summary["seed"] == teacher_training.RECIPE_SEED
+    robust = json.loads(teacher_training.loss_curve_path(teachers["robust_hubert"]).read_text())
+    recipe = dict((name, settings) for name, _, settings in teacher_training.RECIPE)
+    assert robust["init_from"]["sha256"] == teacher_training.file_sha256(teachers["hubert"])  # continued
+    assert (robust["lr"], robust["distort_prob"]) == (recipe["robust_hubert"]["lr"], recipe["robust_hubert"]["distort_prob"])
     assert summary["num_files"] == sum(1 for line in (tmp_path / "data" / "teacher-corpus-seed0-n48-s4" /
                                                       "manifest.jsonl").read_text().splitlines()
                                        if json.loads(line)["split"] == "train")

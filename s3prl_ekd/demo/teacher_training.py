@@ -55,11 +55,16 @@ KMEANS_VERSION = 1  # bump when the MFCC/k-means recipe changes, to invalidate c
 # utterances) says sentences 800-1199, so no test sentence was heard by a teacher.
 RECIPE_CORPUS = {"utterances": 1000, "speakers": 12, "seed": 0}
 RECIPE_SEED = 0
-# The robust teacher of the recipe is not trained from scratch: like RobustHuBERT (HuBERT Base
-# continued on distorted speech), it starts from the trained `hubert` teacher and continues on a mix
-# of distorted and clean input at a lower rate. From scratch on distorted input only, it learnt
-# less about clean speech than filterbanks give a BLSTM (demo ASR, 2026-11-26).
-ROBUST_RECIPE = {"init": "hubert", "steps": 1500, "lr": 5e-4, "distort_prob": 0.5}
+# The shipped teachers' recipe, as named training runs in order: (name, kind, settings); "init" names
+# an earlier run to continue from. The robust teacher is not trained from scratch: like RobustHuBERT
+# (HuBERT Base continued on distorted speech), it continues the trained `hubert` on a mix of distorted
+# and clean input; from scratch on distorted input only, it learnt less about clean speech than
+# filterbanks give a BLSTM (demo ASR, 2026-11-26).
+RECIPE = (
+    ("hubert", "hubert", {"steps": DEFAULT_STEPS}),
+    ("wavlm", "wavlm", {"steps": DEFAULT_STEPS}),
+    ("robust_hubert", "robust_hubert", {"steps": 1500, "lr": 5e-4, "distort_prob": 0.5, "init": "hubert"}),
+)
 
 
 # ---------------------------------------------------------------------------------------------
