@@ -6,7 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from s3prl_ekd.demo.pipeline import DemoConfig, comparisons, full_config, run_demo, student_plan, table_rows, verdict
+from s3prl_ekd.demo.pipeline import (
+    DemoConfig,
+    comparisons,
+    full_config,
+    run_demo,
+    student_plan,
+    table_rows,
+    teachers_vs_fbank,
+    verdict,
+)
 
 
 def tiny_config(**overrides) -> DemoConfig:
@@ -38,6 +47,7 @@ def test_demo_smoke_then_rerun_from_disk(tmp_path):
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "| ekd_average | EKD student |" in markdown and "## Verdict" in markdown
     assert "runs stopped early;" in markdown
+    assert saved["teachers_vs_fbank"] == []  # the smoke run has no baseline rows
 
     students = tmp_path / "out" / "students"
     stamps = {p: p.stat().st_mtime_ns for p in [*students.glob("*/states-*.ckpt"),
@@ -109,6 +119,16 @@ def test_paired_verdicts_separate_only_what_the_data_separates():
     assert by_task["pr"]["verdict"] == "worse" and by_task["pr"]["advantage"] == -20.0
     text = verdict(rows, pairs)
     assert "better in 1, worse in 1, not separable in 1" in text and "No EKD student beats every" in text
+
+    def content_runs(pr, asr):
+        return {"runs": {"pr": {"runs": {"pr": {"scores": pr}}}, "asr": {"runs": {"asr": {"scores": asr}}}}}
+
+    content = {"fbank": content_runs(errors(4), errors(3)), "teacher_wavlm": content_runs(errors(2), errors(3))}
+    rows = [{"name": "fbank", "kind": "baseline"}, {"name": "teacher_wavlm", "kind": "teacher"}]
+    checks = {p["task"]: p for p in teachers_vs_fbank(rows, content, DemoConfig(bootstrap=500))}
+    assert checks["pr"]["verdict"] == "better" and checks["pr"]["advantage"] == 20.0
+    assert checks["asr"]["verdict"] == "not separable"
+    assert teachers_vs_fbank(rows[1:], content, DemoConfig(bootstrap=500)) == []  # no fbank row, no check
 
 
 def test_demo_refuses_an_out_folder_it_did_not_make(tmp_path):

@@ -280,26 +280,34 @@ def report_rows(rows: list[tuple], superb: dict[str, dict], tasks: list[str], co
     return out
 
 
-def comparisons(rows: list[dict], superb: dict[str, dict], tasks: list[str], config: DemoConfig) -> list[dict]:
-    """Every EKD student against every single-teacher student and every teacher, per task: the paired
-    bootstrap difference (positive = the EKD student is better) and whether its interval holds 0."""
+def paired(a: str, b: str, task: str, superb: dict[str, dict], config: DemoConfig) -> dict:
+    """`a` against `b` on `task` over the same test utterances: the paired bootstrap advantage of `a`
+    in points (positive = `a` is better, for errors too) and whether its 95% interval holds 0."""
     from s3prl_ekd.recipes.scores import paired_difference
 
-    out = []
+    diff, low, high = paired_difference(task_scores(superb[a], task), task_scores(superb[b], task),
+                                        config.bootstrap, config.seed)
+    sign = 1 if TASK_METRICS[task][2] else -1  # errors: lower is better
+    better, lo, hi = sign * diff, *sorted((sign * low, sign * high))
+    verdict = "better" if lo > 0 else "worse" if hi < 0 else "not separable"
+    return {"task": task, "advantage": round(better, 2), "interval95": [round(lo, 2), round(hi, 2)],
+            "verdict": verdict}
+
+
+def comparisons(rows: list[dict], superb: dict[str, dict], tasks: list[str], config: DemoConfig) -> list[dict]:
+    """Every EKD student against every single-teacher student and every teacher, per task."""
     ekd = [r["name"] for r in rows if r["kind"] == "EKD student"]
     others = [r["name"] for r in rows if r["kind"] in ("single-teacher student", "teacher")]
-    for a in ekd:
-        for b in others:
-            for task in tasks:
-                higher = TASK_METRICS[task][2]
-                diff, low, high = paired_difference(task_scores(superb[a], task), task_scores(superb[b], task),
-                                                    config.bootstrap, config.seed)
-                sign = 1 if higher else -1  # errors: lower is better
-                better, lo, hi = sign * diff, *sorted((sign * low, sign * high))
-                verdict = "better" if lo > 0 else "worse" if hi < 0 else "not separable"
-                out.append({"ekd": a, "other": b, "task": task, "advantage": round(better, 2),
-                            "interval95": [round(lo, 2), round(hi, 2)], "verdict": verdict})
-    return out
+    return [{"ekd": a, "other": b, **paired(a, b, task, superb, config)} for a in ekd for b in others for task in tasks]
+
+
+def teachers_vs_fbank(rows: list[dict], superb: dict[str, dict], config: DemoConfig) -> list[dict]:
+    """Each teacher against fbank on the content tasks: a teacher that does not beat filterbanks on PR
+    and ASR has little to teach."""
+    if not any(r["name"] == "fbank" for r in rows):
+        return []
+    return [{"teacher": r["name"], **paired(r["name"], "fbank", task, superb, config)}
+            for r in rows if r["kind"] == "teacher" for task in ("pr", "asr")]
 
 
 def verdict(rows: list[dict], pairs: list[dict]) -> str:
@@ -347,6 +355,11 @@ def report_markdown(report: dict) -> str:
         if p["other"].startswith("distil_"):
             lines.append(f"| {p['ekd']} | {p['other']} | {p['task']} | {p['advantage']:+.2f} | "
                          f"[{p['interval95'][0]:+.2f}, {p['interval95'][1]:+.2f}] | {p['verdict']} |")
+    if report.get("teachers_vs_fbank"):
+        lines += ["", "## Teachers vs fbank on content (paired bootstrap)", "",
+                  "| teacher | task | advantage (points) | 95% interval | verdict |", "|---|---|---|---|---|"]
+        lines += [f"| {p['teacher']} | {p['task']} | {p['advantage']:+.2f} | [{p['interval95'][0]:+.2f}, "
+                  f"{p['interval95'][1]:+.2f}] | {p['verdict']} |" for p in report["teachers_vs_fbank"]]
     lines += ["", "## Downstream training", "", "Per task: the step of the best dev metric / steps run / the recipe's cap, "
               "@ the learning rate chosen on dev.", "",
               "| upstream | " + " | ".join(TRAINED_TASKS) + " |", "|---|" + "---|" * len(TRAINED_TASKS)]
@@ -479,7 +492,8 @@ def run_demo(config: DemoConfig, out: str | os.PathLike = "results/demo", data: 
     for name in students:
         curves[name] = read_scalars(out / "students" / name).get("ekd_distiller/train-loss", [])
     report = {"config": asdict(config), "tasks": columns, "test_utterances": test_utterances, "rows": report_rows_,
-              "comparisons": pairs, "verdict": verdict(report_rows_, pairs), "stage_seconds": seconds,
+              "comparisons": pairs, "verdict": verdict(report_rows_, pairs),
+              "teachers_vs_fbank": teachers_vs_fbank(report_rows_, superb, config), "stage_seconds": seconds,
               "teachers": {k: str(v) for k, v in teachers.items()}}
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", report_markdown(report))
