@@ -529,7 +529,7 @@ def _train(kind, audio, targets: ClusterTargets, architecture: dict, *, steps, b
     bar = tqdm(range(1, steps + 1), desc=f"teacher {kind}", disable=not progress, dynamic_ncols=True)
     for step in bar:
         indices, wavs, labels = batches.next()  # wavs (B, samples), labels (B, frames)
-        if kind == "robust_hubert":
+        if kind == "robust_hubert":  # distort_prob 1 draws no coin: the from-scratch stream stays as it was
             wavs = torch.stack([distort(wav, data_generator) if distort_prob == 1.0
                                 or torch.rand((), generator=data_generator).item() < distort_prob else wav
                                 for wav in wavs])
