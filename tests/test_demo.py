@@ -16,6 +16,7 @@ from s3prl_ekd.demo.pipeline import (
     teachers_vs_fbank,
     verdict,
 )
+from s3prl_ekd.io.files import file_sha256
 
 
 def tiny_config(**overrides) -> DemoConfig:
@@ -71,7 +72,7 @@ def test_retrained_teachers_follow_the_recipe_and_are_kept(tmp_path, monkeypatch
     assert summary["steps"] == 2 and summary["seed"] == teacher_training.RECIPE_SEED
     robust = json.loads(teacher_training.loss_curve_path(teachers["robust_hubert"]).read_text())
     recipe = dict((name, settings) for name, _, settings in teacher_training.RECIPE)
-    assert robust["init_from"]["sha256"] == teacher_training.file_sha256(teachers["hubert"])  # continued
+    assert robust["init_from"]["sha256"] == file_sha256(teachers["hubert"])  # continued
     assert (robust["lr"], robust["distort_prob"]) == (recipe["robust_hubert"]["lr"], recipe["robust_hubert"]["distort_prob"])
     assert summary["num_files"] == sum(1 for line in (tmp_path / "data" / "teacher-corpus-seed0-n48-s4" /
                                                       "manifest.jsonl").read_text().splitlines()

@@ -12,6 +12,7 @@ import torch
 from s3prl_ekd.demo import teacher_training as tt
 from s3prl_ekd.errors import AudioError, ConfigError
 from s3prl_ekd.io.audio import load_audio
+from s3prl_ekd.io.files import file_sha256
 
 # A few-second model: 2 layers x 64 dims, 32-channel CNN with the real 320-sample hop.
 TINY = dict(encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128, encoder_attention_heads=2,
@@ -209,7 +210,7 @@ def test_robust_teacher_continues_from_a_trained_hubert(trained, wav_files, tmp_
     scratch = tt.train_teacher("robust_hubert", wav_files, tmp_path / "s.pt", steps=2, seed=0, distort_prob=0.0,
                                **args)
     assert continued.loss_curve[0][1] < 0.8 * scratch.loss_curve[0][1]
-    assert continued.config["init_from"]["sha256"] == tt.file_sha256(hubert)
+    assert continued.config["init_from"]["sha256"] == file_sha256(hubert)
     with pytest.raises(ConfigError, match=f"init_from {hubert}: its encoder_layers differ"):
         tt.train_teacher("robust_hubert", wav_files, tmp_path / "x.pt", steps=1, init_from=hubert,
                          **dict(args, size={**TINY, "encoder_layers": 3}))

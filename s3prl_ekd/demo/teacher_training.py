@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from s3prl_ekd.core import frames
 from s3prl_ekd.errors import AudioError, ConfigError
 from s3prl_ekd.io.audio import SAMPLE_RATE, audio_info, load_audio
-from s3prl_ekd.io.files import atomic_torch_save, atomic_write_json
+from s3prl_ekd.io.files import atomic_torch_save, atomic_write_json, file_sha256
 from s3prl_ekd.plugin.teacher_formats import build_hubert, build_wavlm, save_hubert_local, save_wavlm_local
 
 TeacherKind = Literal["hubert", "robust_hubert", "wavlm"]
@@ -459,10 +459,6 @@ def train_teacher(kind: TeacherKind, audio_files: list[Path], out_path: Path, *,
                "cross_entropy": result.cross_entropy_curve, "accuracy": result.accuracy_curve}
     atomic_write_json(result.loss_curve_path, summary)
     return result
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_init_weights(model, model_cfg: dict, init_from: str | Path, kind: str) -> None:

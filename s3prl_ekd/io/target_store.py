@@ -18,7 +18,6 @@ a, a + 1, ... Reading is memory-mapped: a student reads only the frames of its c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from s3prl_ekd.errors import ConfigError, UserError
-from s3prl_ekd.io.files import atomic_write_json
+from s3prl_ekd.io.files import atomic_write_json, file_sha256
 
 FORMAT = "ekd-targets-v1"
 INDEX_NAME = "index.json"
@@ -64,11 +63,7 @@ def checkpoint_fingerprint(name: str, ckpt: str | None) -> str:
     """What identifies a teacher's weights: the sha256 of its checkpoint file (or its hub name)."""
     if not ckpt:
         return f"hub:{name}"
-    digest = hashlib.sha256()
-    with open(ckpt, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(ckpt)
 
 
 def bytes_per_second(teachers: list[StoredTeacher], dtype: str) -> int:
