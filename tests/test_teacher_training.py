@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -120,7 +121,7 @@ def test_distort_keeps_length_and_changes_the_signal(wav_files):
     assert _power_db(reverberant[-8000:-4000]) > _power_db(padded[-8000:-4000] + 1e-4) + 20
 
 
-def test_mix_utterances_keeps_the_primary_dominant(wav_files):
+def test_mix_utterances_draws_the_second_speakers_level(wav_files):
     primary, secondary = load_audio(wav_files[0]), load_audio(wav_files[9])
     for seed in range(20):
         mixed = tt.mix_utterances(primary, secondary, torch.Generator().manual_seed(seed))
@@ -129,7 +130,15 @@ def test_mix_utterances_keeps_the_primary_dominant(wav_files):
         changed = interference.nonzero().squeeze(1)
         assert changed.numel() > 0
         assert changed[-1] - changed[0] + 1 <= 0.5 * primary.shape[0]  # one segment, at most half
-        assert _power_db(interference) < _power_db(primary)  # quieter than the primary speaker
+        assert _power_db(interference) < _power_db(primary)  # the default range: quieter than the primary
+    levels = []
+    for seed in range(20):  # WavLM's range: within -5..5 dB of the primary, louder and quieter both occur
+        mixed = tt.mix_utterances(primary, secondary, torch.Generator().manual_seed(seed), gain_db=(-5.0, 5.0))
+        interference = mixed - primary
+        changed = interference.nonzero().squeeze(1)
+        # Measured over the nonzero span, which can only raise it a little where the segment is silent.
+        levels.append(_power_db(interference[changed[0]:changed[-1] + 1]) - _power_db(primary))
+    assert -5.5 <= min(levels) < 0 < max(levels) <= 7.0
     assert torch.equal(tt.mix_utterances(primary, secondary, torch.Generator().manual_seed(3)),
                        tt.mix_utterances(primary, secondary, torch.Generator().manual_seed(3)))
 
@@ -148,6 +157,7 @@ def test_masked_prediction_is_learnt(trained, kind):
     assert _mean(result.loss_curve, -10, None) < _mean(result.loss_curve, 0, 10)
     saved = json.loads(result.loss_curve_path.read_text())
     assert saved["kind"] == kind and saved["size"] == {**tt.DEFAULT_SIZE, **TINY}
+    assert saved.get("mix_gain_db") == (list(tt.WAVLM_MIX_GAIN_DB) if kind == "wavlm" else None)
     assert saved["loss"] == [list(point) for point in result.loss_curve]
 
 
@@ -237,6 +247,8 @@ def test_bad_arguments_name_the_problem(wav_files, tmp_path):
     sf.write(short, np.zeros(1600, dtype=np.float32), 16000)
     with pytest.raises(AudioError, match="short.wav"):
         tt.train_teacher("hubert", [*wav_files[:3], short], tmp_path / "t.pt", steps=1)
+    with pytest.raises(ConfigError, match="mix_gain_db"):
+        tt.train_teacher("wavlm", wav_files, tmp_path / "t.pt", steps=1, mix_gain_db=(5.0, -5.0))
     assert not (tmp_path / "t.pt").exists()
 
 
@@ -249,6 +261,9 @@ def test_cli_trains_a_teacher(speech_dir, tmp_path, capsys):
     assert main(argv) == 0
     assert out.is_file() and tt.loss_curve_path(out).is_file()
     assert f"{out}: hubert teacher" in capsys.readouterr().out
+    assert tt._gain_range("-5,5") == (-5.0, 5.0)
+    with pytest.raises(argparse.ArgumentTypeError, match="LOW,HIGH"):
+        tt._gain_range("5")
     argv[argv.index("--audio-dir") + 1] = str(tmp_path / "missing")
     assert main(argv) == 2
     assert "missing: audio_dir is not a directory" in capsys.readouterr().err
