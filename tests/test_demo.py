@@ -13,6 +13,7 @@ from s3prl_ekd.demo.pipeline import (
     run_demo,
     student_plan,
     table_rows,
+    teacher_roles,
     teachers_vs_fbank,
     verdict,
 )
@@ -130,6 +131,20 @@ def test_paired_verdicts_separate_only_what_the_data_separates():
     assert checks["pr"]["verdict"] == "better" and checks["pr"]["advantage"] == 20.0
     assert checks["asr"]["verdict"] == "not separable"
     assert teachers_vs_fbank(rows[1:], content, DemoConfig(bootstrap=500)) == []  # no fbank row, no check
+
+    def role_runs(sid, er, noisy):
+        return {"runs": {"sid": {"runs": {"sid": {"scores": sid}}}, "er": {"runs": {"fold1": {"scores": er}}},
+                         "pr": {"runs": {"pr": {"scores": {}, "noisy": {"scores": noisy}}}}}}
+
+    teachers = {"teacher_hubert": role_runs(accuracy(80), accuracy(60), errors(5)),
+                "teacher_robust_hubert": role_runs(accuracy(50), accuracy(60), errors(2)),
+                "teacher_wavlm": role_runs(accuracy(90), accuracy(60), errors(5))}
+    rows = [{"name": name, "kind": "teacher"} for name in teachers] + [{"name": "fbank", "kind": "baseline"}]
+    roles = {(p["teacher"], p["other"], p["task"]): p for p in teacher_roles(rows, teachers, DemoConfig(bootstrap=500))}
+    assert len(roles) == 6  # robust on noisy PR, WavLM on SID and ER, each against the other two teachers
+    assert roles["teacher_robust_hubert", "teacher_hubert", "pr_noisy"]["advantage"] == 30.0
+    assert roles["teacher_wavlm", "teacher_robust_hubert", "sid"]["verdict"] == "better"
+    assert roles["teacher_wavlm", "teacher_hubert", "er"]["verdict"] == "not separable"
 
 
 def test_demo_refuses_an_out_folder_it_did_not_make(tmp_path):

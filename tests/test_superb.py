@@ -33,7 +33,7 @@ def test_recipe_config_takes_prepared_paths_and_steps():
     prepared = {"config": {"downstream_expert": {"datarc": {"file_path": "/data/sid", "meta_data": "/m.txt"}}}}
     config = superb.recipe_config("sid", "cpu-small", prepared, steps=6)
     datarc = config["downstream_expert"]["datarc"]
-    assert (datarc["file_path"], datarc["meta_data"], datarc["max_timestep"]) == ("/data/sid", "/m.txt", 64000)
+    assert (datarc["file_path"], datarc["meta_data"], datarc["max_timestep"]) == ("/data/sid", "/m.txt", 128000)
     assert (config["runner"]["total_steps"], config["runner"]["eval_step"]) == (6, 3)
     assert superb.recipe_config("sid", "superb", prepared)["runner"]["total_steps"] == 200000
     with pytest.raises(ConfigError, match="--profile tiny"):

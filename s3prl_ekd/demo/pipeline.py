@@ -317,6 +317,19 @@ def teachers_vs_fbank(rows: list[dict], superb: dict[str, dict], config: DemoCon
             for r in rows if r["kind"] == "teacher" for task in ("pr", "asr")]
 
 
+# Where each real teacher leads in SUPERB: RobustHuBERT on noisy speech, WavLM Base+ on speaker and emotion.
+TEACHER_ROLES = (("robust_hubert", "pr_noisy"), ("wavlm", "sid"), ("wavlm", "er"))
+
+
+def teacher_roles(rows: list[dict], superb: dict[str, dict], config: DemoConfig) -> list[dict]:
+    """Each teacher against the other teachers on the tasks where its real counterpart leads: whether
+    the mini teachers differ as the real ones do."""
+    names = [r["name"] for r in rows if r["kind"] == "teacher"]
+    return [{"teacher": f"teacher_{kind}", "other": other, **paired(f"teacher_{kind}", other, task, superb, config)}
+            for kind, task in TEACHER_ROLES if f"teacher_{kind}" in names
+            for other in names if other != f"teacher_{kind}"]
+
+
 def verdict(rows: list[dict], pairs: list[dict]) -> str:
     """What the table says about EKD vs single-teacher distillation, counting only separable differences."""
     ekd = [r["name"] for r in rows if r["kind"] == "EKD student"]
@@ -367,6 +380,13 @@ def report_markdown(report: dict) -> str:
                   "| teacher | task | advantage (points) | 95% interval | verdict |", "|---|---|---|---|---|"]
         lines += [f"| {p['teacher']} | {p['task']} | {p['advantage']:+.2f} | [{p['interval95'][0]:+.2f}, "
                   f"{p['interval95'][1]:+.2f}] | {p['verdict']} |" for p in report["teachers_vs_fbank"]]
+    if report.get("teacher_roles"):
+        lines += ["", "## Teachers against each other where the real ones differ (paired bootstrap)", "",
+                  "RobustHuBERT leads SUPERB on noisy speech, WavLM Base+ on speaker and emotion.", "",
+                  "| teacher | vs | task | advantage (points) | 95% interval | verdict |", "|---|---|---|---|---|---|"]
+        lines += [f"| {p['teacher']} | {p['other']} | {p['task']} | {p['advantage']:+.2f} | "
+                  f"[{p['interval95'][0]:+.2f}, {p['interval95'][1]:+.2f}] | {p['verdict']} |"
+                  for p in report["teacher_roles"]]
     lines += ["", "## Downstream training", "", "Per task: the step of the best dev metric / steps run / the recipe's cap, "
               "@ the learning rate chosen on dev.", "",
               "| upstream | " + " | ".join(TRAINED_TASKS) + " |", "|---|" + "---|" * len(TRAINED_TASKS)]
@@ -502,7 +522,8 @@ def run_demo(config: DemoConfig, out: str | os.PathLike = "results/demo", data: 
         curves[name] = read_scalars(out / "students" / name).get("ekd_distiller/train-loss", [])
     report = {"config": asdict(config), "tasks": columns, "test_utterances": test_utterances, "rows": report_rows_,
               "comparisons": pairs, "verdict": verdict(report_rows_, pairs),
-              "teachers_vs_fbank": teachers_vs_fbank(report_rows_, superb, config), "stage_seconds": seconds,
+              "teachers_vs_fbank": teachers_vs_fbank(report_rows_, superb, config),
+              "teacher_roles": teacher_roles(report_rows_, superb, config), "stage_seconds": seconds,
               "teachers": {k: str(v) for k, v in teachers.items()}}
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", report_markdown(report))
