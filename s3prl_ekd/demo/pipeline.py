@@ -501,8 +501,10 @@ def run_demo(config: DemoConfig, out: str | os.PathLike = "results/demo", data: 
     else:
         teachers = shipped_teachers(config.teachers_dir)
     torch.set_num_threads(config.jobs)  # nothing else runs during the teacher pass
-    store = stage("target_store", lambda: build_store(config, teachers, audio_dir, data / "store"))
-    torch.set_num_threads(1)
+    try:
+        store = stage("target_store", lambda: build_store(config, teachers, audio_dir, data / "store"))
+    finally:
+        torch.set_num_threads(1)
     students = stage("students", lambda: _parallel(config.jobs, {
         name: (lambda n=name, k=kinds, a=aggregation: pretrain_student(
             n, k, a, teachers, audio_dir, store, out / "students", config))

@@ -586,7 +586,7 @@ def register_cli(subparsers) -> None:
                        help="robust_hubert: fraction of the inputs distorted (default 1)")
     train.add_argument("--mix-gain-db", type=_gain_range, default=WAVLM_MIX_GAIN_DB, metavar="LOW,HIGH",
                        help="wavlm: range of the mixed-in speaker's power relative to the primary's, in dB "
-                            "(default -10,0: the primary stays louder; WavLM's is -5,5)")
+                            "(default -10,0: the primary stays louder; WavLM's is --mix-gain-db=-5,5)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cli_train)
 
