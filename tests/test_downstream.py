@@ -37,6 +37,25 @@ def test_downstream_environment_reads_audio_with_or_without_torchcodec(tmp_path)
     np.testing.assert_allclose(through_torchaudio[0].numpy(), expected, atol=1e-6)
 
 
+def test_every_ctc_loader_gets_the_recipes_num_workers(monkeypatch):
+    """s3prl's ctc expert pops num_workers out of its corpus config when building the train loader, so
+    its dev and test loaders fell back to 12 worker processes; in the environment each gets a copy."""
+    from s3prl.downstream.ctc import expert as ctc_expert
+
+    seen = []
+
+    def s3prl_like(split, tokenizer, corpus):  # what s3prl's load_dataset does with the config
+        seen.append((split, corpus.pop("num_workers", 12)))
+
+    monkeypatch.setattr(ctc_expert, "load_dataset", s3prl_like)
+    corpus = {"name": "libriphone", "num_workers": 0}
+    with downstream.downstream_environment():
+        for split in ("train", "dev", "test"):
+            ctc_expert.load_dataset(split, None, corpus)
+    assert seen == [("train", 0), ("dev", 0), ("test", 0)]
+    assert corpus == {"name": "libriphone", "num_workers": 0} and ctc_expert.load_dataset is s3prl_like
+
+
 def test_memoized_upstream_equals_each_utterance_alone_and_runs_each_once(tiny_teachers, speech_dir):
     import s3prl.hub
 

@@ -57,23 +57,30 @@ def downstream_environment() -> Iterator[None]:
     - on torchaudio >= 2.9 without a usable torchcodec, `torchaudio.load` reads with soundfile
       (s3prl's datasets only read the wav/flac files `prepare` writes, which soundfile reads);
     - the voxceleb1 expert caches its file lists in s3prl's own package folder and reuses them
-      whatever the config says: a temporary folder keeps runs apart and site-packages untouched.
+      whatever the config says: a temporary folder keeps runs apart and site-packages untouched;
+    - the ctc expert (PR) pops `num_workers` out of its corpus config when it builds the train
+      loader, so dev and test loaders fall back to 12 worker processes whatever the recipe says
+      (forked at every dev evaluation); each loader gets a copy of the config instead.
     """
     import torchaudio
+    from s3prl.downstream.ctc import expert as ctc_expert
     from s3prl.downstream.voxceleb1 import dataset as voxceleb1_dataset
     from s3prl.utility import helper
 
     version = tuple(int(x) for x in torchaudio.__version__.split("+")[0].split(".")[:2])
     saved_load, saved_cache, saved_hack = torchaudio.load, voxceleb1_dataset.CACHE_PATH, helper.hack_isinstance
+    saved_ctc_loader = ctc_expert.load_dataset
     if version >= (2, 9) and not torchcodec_usable():
         torchaudio.load = soundfile_load
     helper.hack_isinstance = lambda: _hack_isinstance_once(saved_hack)
+    ctc_expert.load_dataset = lambda split, tokenizer, corpus: saved_ctc_loader(split, tokenizer, dict(corpus))
     try:
         with tempfile.TemporaryDirectory(prefix="s3prl-ekd-voxceleb1-cache-") as cache:
             voxceleb1_dataset.CACHE_PATH = cache + "/"
             yield
     finally:
         torchaudio.load, voxceleb1_dataset.CACHE_PATH, helper.hack_isinstance = saved_load, saved_cache, saved_hack
+        ctc_expert.load_dataset = saved_ctc_loader
 
 
 def _hack_isinstance_once(hack) -> None:
