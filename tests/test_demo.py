@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from s3prl_ekd.demo.pipeline import (
     DemoConfig,
     comparisons,
@@ -81,6 +83,26 @@ def test_retrained_teachers_follow_the_recipe_and_are_kept(tmp_path, monkeypatch
     stamps = {k: p.stat().st_mtime_ns for k, p in teachers.items()}
     assert pipeline.retrained_teachers(config, tmp_path / "data", tmp_path / "teachers", progress=False) == teachers
     assert {k: p.stat().st_mtime_ns for k, p in teachers.items()} == stamps
+
+
+def test_converge_flag_picks_the_profile_and_keeps_its_own_results(monkeypatch, tmp_path):
+    from s3prl_ekd import cli
+    from s3prl_ekd.demo import pipeline
+
+    class Ran(Exception):
+        pass
+
+    def record(config, out, data, force=False):
+        raise Ran(config.profile, out, data)
+
+    monkeypatch.setattr(pipeline, "run_demo", record)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Ran) as ran:
+        cli.main(["demo", "--converge"])
+    assert ran.value.args == ("cpu-converge", "results/demo_converge", "data/demo")
+    with pytest.raises(Ran) as ran:
+        cli.main(["demo"])
+    assert ran.value.args == ("cpu-small", "results/demo", "data/demo")
 
 
 def test_full_plan_and_table_order():

@@ -20,13 +20,26 @@ from s3prl_ekd.recipes.layout import TASKS, prepare_all
 def test_every_recipe_profile_is_complete():
     for task in TASKS:
         for profile in superb.PROFILES:
-            config = yaml.safe_load(recipe_file(task, f"{profile}.yaml").read_text())
+            config = superb.load_recipe(task, profile)
             assert {"runner", "optimizer", "downstream_expert"} <= set(config), (task, profile)
             assert config["runner"]["total_steps"] % config["runner"]["eval_step"] == 0
+            assert "base" not in config
     small = yaml.safe_load(recipe_file("asr", "cpu-small.yaml").read_text())
     paper = yaml.safe_load(recipe_file("asr", "superb.yaml").read_text())
     assert paper["downstream_expert"]["modelrc"]["RNNs"]["dim"] == [1024, 1024]
     assert small["runner"]["total_steps"] <= 1000 < paper["runner"]["total_steps"]
+
+
+def test_cpu_converge_is_cpu_small_with_longer_pr_and_asr():
+    for task in TASKS:
+        small, converge = superb.load_recipe(task, "cpu-small"), superb.load_recipe(task, "cpu-converge")
+        assert converge["downstream_expert"] == small["downstream_expert"]
+        assert converge["optimizer"] == small["optimizer"]
+        if task in ("pr", "asr"):
+            assert converge["runner"]["total_steps"] >= 4 * small["runner"]["total_steps"]
+            assert converge["runner"]["eval_step"] == converge["runner"]["save_step"] == 150
+        else:  # SID and ER already train until dev stops improving
+            assert converge == small
 
 
 def test_recipe_config_takes_prepared_paths_and_steps():

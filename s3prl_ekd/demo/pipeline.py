@@ -536,7 +536,10 @@ def run_demo(config: DemoConfig, out: str | os.PathLike = "results/demo", data: 
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser("demo", help="the paper's experiment in miniature on a synthetic corpus (CPU)")
     p.add_argument("--full", action="store_true", help="the larger version: more data, steps and learning rates")
-    p.add_argument("--out", help="default results/demo (--full: results/demo_full)")
+    p.add_argument("--converge", action="store_true", help="PR and ASR too train until dev stops improving "
+                   "(downstream profile cpu-converge; the default stops them at 300 and 600 steps)")
+    p.add_argument("--out", help="default results/demo (--full: results/demo_full, --converge: "
+                   "results/demo_converge)")
     p.add_argument("--data", help="default data/demo (--full: data/demo_full)")
     p.add_argument("--retrain-teachers", action="store_true",
                    help="train the three teachers here (the recipe of the shipped ones) instead of using those")
@@ -556,9 +559,14 @@ def register_cli(subparsers) -> None:
             overrides["students"] = [s.strip() for s in args.students.split(",") if s.strip()]
         overrides["retrain_teachers"] = args.retrain_teachers
         overrides["teachers_dir"] = args.teachers
+        if args.converge:
+            overrides["profile"] = "cpu-converge"
         config = full_config(**overrides) if args.full else dataclasses.replace(DemoConfig(), **overrides)
-        suffix = "_full" if args.full else ""  # FULL keeps its own folders: the default report stays
-        out, data = args.out or f"results/demo{suffix}", args.data or f"data/demo{suffix}"
+        # FULL and --converge keep their own results: the default report stays. --converge shares the
+        # data folder (same corpus, SUPERB data and teacher targets).
+        suffix = "_full" if args.full else ""
+        out = args.out or f"results/demo{suffix}{'_converge' if args.converge else ''}"
+        data = args.data or f"data/demo{suffix}"
         report = run_demo(config, out, data, force=args.force)
         print(report_markdown(report))
         print(f"report: {Path(out) / 'report.md'}")

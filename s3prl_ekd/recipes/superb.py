@@ -36,7 +36,7 @@ from s3prl_ekd.io.resources import recipe_file
 from s3prl_ekd.recipes.layout import PREPARED_NAME, TASKS
 from s3prl_ekd.recipes.scores import percent, utterance_scores
 
-PROFILES = ("cpu-small", "superb")
+PROFILES = ("cpu-small", "cpu-converge", "superb")
 MARKER_NAME = ".s3prl_ekd_superb"  # marks experiment folders superb made, the only ones it clears
 RESULT_NAME = "task_result.json"
 RESULT_VERSION = 2  # bump when task_result.json's fields change: older results are then re-run
@@ -62,8 +62,8 @@ TASK_SPECS = {
     "asr": TaskSpec("asr", "wer", "dev-clean", "test-clean", "dev-clean-best.ckpt", False),
 }
 NOISY_TASK = "pr_noisy"  # PR's model tested on the noisy copy of the test split (prepare --noisy-snr)
-# ER folds to run: the paper's protocol averages every held-out session; cpu-small runs one.
-ALL_FOLDS = {"cpu-small": False, "superb": True}
+# ER folds to run: the paper's protocol averages every held-out session; the CPU profiles run one.
+ALL_FOLDS = {"cpu-small": False, "cpu-converge": False, "superb": True}
 
 
 def parse_tasks(tasks: str | list[str]) -> list[str]:
@@ -92,13 +92,24 @@ def load_prepared(data_dir: Path, task: str) -> dict:
     return json.loads(path.read_text())
 
 
+def load_recipe(task: str, profile: str) -> dict:
+    """The profile's recipe for `task`. A recipe file that names `base: OTHER.yaml` is that recipe
+    with its own keys merged over it (cpu-converge: cpu-small with longer caps)."""
+    if profile not in PROFILES:
+        raise ConfigError(f"--profile {profile}: use one of {', '.join(PROFILES)}")
+
+    def read(name: str) -> dict:
+        recipe = yaml.safe_load(recipe_file(task, name).read_text()) or {}
+        base = recipe.pop("base", None)
+        return deep_merge(read(base), recipe) if base else recipe
+
+    return read(f"{profile}.yaml")
+
+
 def recipe_config(task: str, profile: str, prepared: dict, steps: int | None = None) -> dict:
     """The s3prl config for `task`: the profile's recipe with prepare's data paths merged in;
     `steps` replaces the training length (evaluating and saving half-way and at the end)."""
-    if profile not in PROFILES:
-        raise ConfigError(f"--profile {profile}: use one of {', '.join(PROFILES)}")
-    path = recipe_file(task, f"{profile}.yaml")
-    config = deep_merge(yaml.safe_load(path.read_text()), prepared["config"])
+    config = deep_merge(load_recipe(task, profile), prepared["config"])
     if steps is not None:
         if steps < 1:
             raise ConfigError(f"--steps {steps}: use a positive number of training steps")
