@@ -99,6 +99,17 @@ def test_bench_markdown_has_a_row_per_run(tiny_bench):
     assert "data loader share" in markdown and markdown in stdout
 
 
+@pytest.mark.parametrize("fp32", [True, False])
+def test_bench_fp32_pos_conv_flag_reaches_the_models(fp32, tmp_path, tiny_teachers, speech_dir):
+    """--no-fp32-pos-conv times what autocast alone picks: no positional convolution is wrapped."""
+    setting = bench.default_setting("tiny", "cpu", ks=(1,), fp32_pos_conv=fp32)
+    paths = {"hubert": tiny_teachers["hubert_a"]}
+    expert = bench.build_expert(setting, paths, 1, "layerwise_average", speech_dir)
+    convs = [m.pos_conv for m in [*expert.student.modules(), *expert.teachers.modules()] if hasattr(m, "pos_conv")]
+    assert len(convs) >= 2  # the student's and the teacher's
+    assert all(getattr(c, "runs_in_float32", False) == fp32 for c in convs)
+
+
 def test_bench_rejects_bad_k_before_building_anything(tmp_path, capsys):
     code = cli.main(["bench", "--json", str(tmp_path / "x.json"), "--k", "1,4"])
     assert code == 2

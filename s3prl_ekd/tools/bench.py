@@ -11,6 +11,7 @@ reported as median and spread.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
 import math
@@ -69,6 +70,7 @@ class BenchSetting:
     loader_workers: int = 2
     teacher_dtype: str = "float32"      # autocast dtype of the teachers (CUDA only)
     amp: bool = False                   # the runner's fp16 autocast + GradScaler (CUDA only)
+    fp32_pos_conv: bool = True          # the model config's fp32_pos_conv (off: what autocast picks)
     threads: int | None = None          # torch intra-op threads (None: torch's default)
     runner_config: str = RUNNER_CONFIG  # a shipped runner config (its optimizer) or a path
     targets: str | None = None          # target store folder for the cached step (built here if absent)
@@ -354,7 +356,8 @@ def model_config(setting: BenchSetting, teacher_paths: dict[str, Path], k: int, 
                 for label, _, hub, _ in TEACHERS[:k]]
     teacher_dtype = setting.teacher_dtype if setting.device == "cuda" else "float32"
     student = STUDENTS[setting.size](init_from_teacher=setting.size == "base")
-    return {"teachers": teachers, "aggregation": mode, "student": asdict(student), "teacher_dtype": teacher_dtype}
+    return {"teachers": teachers, "aggregation": mode, "student": asdict(student), "teacher_dtype": teacher_dtype,
+            "fp32_pos_conv": setting.fp32_pos_conv}
 
 
 def build_expert(setting: BenchSetting, teacher_paths: dict[str, Path], k: int, mode: str, audio_dir: Path,
@@ -612,7 +615,9 @@ def markdown_table(result: dict) -> str:
         f"{result['torch_threads']} torch threads), torch {result['torch_version']}; "
         f"load average before/after: {result['load_average_before'][0]:.2f} / {result['load_average_after'][0]:.2f}",
         f"- size: {result['size']}; batch {setting['batch_size']} x {setting['seconds']:g} s; optimizer of "
-        f"{setting['runner_config']}; median of {setting['reps']} interleaved repetitions after {setting['warmup']} warm-up",
+        f"{setting['runner_config']}; positional convolutions in "
+        f"{'float32' if setting.get('fp32_pos_conv', True) else 'the autocast dtype'}; "
+        f"median of {setting['reps']} interleaved repetitions after {setting['warmup']} warm-up",
         "- segments are synchronised timestamps inside each timed step; overhead = t_step / (teachers + student "
         "forward + backward) within the same step (>= 1 by construction), median and range over repetitions",
         f"- peak memory: {result['peak_mem_kind']}",
@@ -662,6 +667,9 @@ def register_cli(subparsers) -> None:
                                                    "(built there for the benchmark's teachers if absent)")
     p.add_argument("--runner-config", default=RUNNER_CONFIG, help="runner config whose optimizer the step uses, "
                                                                   "e.g. runner_fused_adamw.yaml")
+    p.add_argument("--fp32-pos-conv", default=True, action=argparse.BooleanOptionalAction,
+                   help="run the positional convolutions in float32 inside autocast (the model config's "
+                        "default); --no-fp32-pos-conv measures what autocast alone picks")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default by size/device)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -676,7 +684,8 @@ def register_cli(subparsers) -> None:
                                                             "loader_steps", "threads") if getattr(args, name) is not None}
         setting = default_setting(args.size, args.device, ks=_int_list(args.k),
                                   modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
-                                  targets=args.targets, runner_config=args.runner_config, **overrides)
+                                  targets=args.targets, runner_config=args.runner_config,
+                                  fp32_pos_conv=args.fp32_pos_conv, **overrides)
         result = run_benchmark(setting, workdir=args.workdir, audio_dir=args.audio_dir)
         md_path = write_results(result, args.json, args.md)
         print(markdown_table(result), end="")
