@@ -6,7 +6,9 @@ Imports only torch, s3prl and core.frames: SUPERB submission folders carry a cop
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -95,7 +97,10 @@ class EKDStudent(nn.Module):
         backbone_config = {**dataclasses.asdict(config),
                            "extractor_conv_feature_layers": config.conv_feature_layers,
                            "task_emb_type": "none", "out_layer_type": "none", "encoder_layerdrop": 0.0}
-        self.backbone = DistillerModel(DistillerConfig(backbone_config))
+        # DistillerModel prints its own head layout ("predicts only layer 12"), which is not ours:
+        # the heads are below, and the pretrain expert prints what they predict.
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.backbone = DistillerModel(DistillerConfig(backbone_config))
         if config.feature_grad_mult == 0:  # frozen: no optimizer state, nothing for DDP to wait for
             self.backbone.feature_extractor.requires_grad_(False)
         inter_dim = config.head_inter_dim or config.encoder_embed_dim

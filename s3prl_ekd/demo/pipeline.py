@@ -398,7 +398,10 @@ def report_markdown(report: dict) -> str:
     still = sum(run["best"] == run["cap"] for run in runs)
     lines += ["", f"{sum(run['ran'] < run['cap'] for run in runs)} of {len(runs)} runs stopped early; {still} had "
               "their best dev metric at the cap's step (still improving when stopped)."]
-    lines += ["", "## Stage times (s)", ""] + [f"- {k}: {v:.0f}" for k, v in report["stage_seconds"].items()]
+    lines += ["", "## Stage times of the run that wrote this report (s)", "",
+              "A stage whose outputs were already on disk and up to date is answered from there and shows its "
+              "reading time, not what computing it took.", ""]
+    lines += [f"- {k}: {v:.0f}" for k, v in report["stage_seconds"].items()]
     lines += ["", "Figures: `metrics.png` (every upstream per task, with intervals), `loss_curves.png`. Exact "
               "commands: each upstream's `superb/<name>/results.json`."]
     return "\n".join(lines) + "\n"
