@@ -77,6 +77,9 @@ def test_retrained_teachers_follow_the_recipe_and_are_kept(tmp_path, monkeypatch
     recipe = dict((name, settings) for name, _, settings in teacher_training.RECIPE)
     assert robust["init_from"]["sha256"] == file_sha256(teachers["hubert"])  # continued
     assert (robust["lr"], robust["distort_prob"]) == (recipe["robust_hubert"]["lr"], recipe["robust_hubert"]["distort_prob"])
+    wavlm_first = tmp_path / "teachers" / "wavlm_first.pt"
+    assert summary["init_from"]["sha256"] == file_sha256(wavlm_first)  # WavLM is continued too
+    assert (summary["lr"], summary["mix_gain_db"]) == (recipe["wavlm"]["lr"], list(recipe["wavlm"]["mix_gain_db"]))
     assert summary["num_files"] == sum(1 for line in (tmp_path / "data" / "teacher-corpus-seed0-n48-s4" /
                                                       "manifest.jsonl").read_text().splitlines()
                                        if json.loads(line)["split"] == "train")
