@@ -63,6 +63,22 @@ def fake_runner_module():
     return types.SimpleNamespace(torch=torch, os=os)
 
 
+def test_torch_optimizers_log_the_scheduled_learning_rate():
+    """s3prl's runner logs optimizer.get_lr() where it exists, else the config's constant lr."""
+    model = torch.nn.Linear(2, 2)
+    module = types.SimpleNamespace(get_optimizer=lambda params, *a, **k: torch.optim.AdamW(params, lr=1.0))
+    runner.log_scheduled_learning_rate(module)
+    wrapped = module.get_optimizer
+    runner.log_scheduled_learning_rate(module)
+    assert module.get_optimizer is wrapped  # wrapped once, however often the task module is imported
+    optimizer = module.get_optimizer(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
+    assert optimizer.get_lr() == [1.0]
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.get_lr() == [0.5]
+
+
 def test_checkpoints_are_atomic_and_old_ones_go_after_the_new_one(tmp_path):
     module = fake_runner_module()
     runner.make_checkpoints_atomic(module)

@@ -48,9 +48,10 @@ PRETRAIN_FLAGS = ("-e", "-o", "-c", "-u", "-g", "-n", "-p")
 
 SHIM = '''"""Written by s3prl-ekd: s3prl's pretrain runner imports the EKD pretraining task from here."""
 from s3prl_ekd.plugin.pretrain_expert import UpstreamPretrainExpert  # noqa: F401
-from s3prl_ekd.plugin.runner import make_checkpoints_atomic
+from s3prl_ekd.plugin.runner import log_scheduled_learning_rate, make_checkpoints_atomic
 
 make_checkpoints_atomic()
+log_scheduled_learning_rate()
 '''
 
 
@@ -169,6 +170,27 @@ def make_checkpoints_atomic(runner_module=None, writer: bool | None = None) -> N
 
     runner_module.torch = _Proxy(torch, save=save)
     runner_module.os = _Proxy(os, remove=remove)
+
+
+def log_scheduled_learning_rate(runner_module=None) -> None:
+    """s3prl's pretrain runner logs `train-lr` from `optimizer.get_lr()`, which only s3prl's own
+    optimizers have; for a PyTorch optimizer (`name: TorchOptim`, e.g. runner_fused_adamw.yaml) it
+    logs the config's constant `lr` although the scheduler changes the rate every step. Such
+    optimizers get a `get_lr` that reads the rate in use (the runner's `get_optimizer` is wrapped)."""
+    if runner_module is None:
+        runner_module = sys.modules.get("pretrain.runner") or importlib.import_module("pretrain.runner")
+    original = runner_module.get_optimizer
+    if getattr(original, "logs_scheduled_lr", False):
+        return
+
+    def get_optimizer(*args, **kwargs):
+        optimizer = original(*args, **kwargs)
+        if not hasattr(optimizer, "get_lr"):
+            optimizer.get_lr = lambda: [group["lr"] for group in optimizer.param_groups]
+        return optimizer
+
+    get_optimizer.logs_scheduled_lr = True
+    runner_module.get_optimizer = get_optimizer
 
 
 # -- command line of run_pretrain.py ----------------------------------------------------------
