@@ -8,7 +8,8 @@
 #   4. `superb --profile superb` on the student, a few steps per task, on CUDA;
 #   5. `bench --size base`: live K = 1, 3 and cached, then K = 3 with the positional convolutions left
 #      to autocast (--no-fp32-pos-conv), then with PyTorch's fused AdamW.
-# Each step has its own time limit; every figure lands in $OUT (at most 8 files: the device tool's limit).
+# Each step has its own time limit (against hangs; the whole script took 440 s on an H200); every
+# figure lands in $OUT (at most 8 files: the device tool's limit). Exit status: the number of failed checks.
 #
 # Before the call, on the CPU machine (both folders are git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -26,10 +27,12 @@ OUT=${OUT:-/tmp/gpu_check}
 DEV=${DEV:-cuda}
 WORK=${WORK:-/tmp/ekd_gpu}
 mkdir -p "$OUT" && rm -rf "$WORK" && mkdir -p "$WORK"
-exec > >(tee "$OUT/gpu_check.log") 2>&1
+exec 3>&1 4>&2 > >(tee "$OUT/gpu_check.log") 2>&1
+TEE=$!
 export PYTHONUNBUFFERED=1
+FAILED=0
 step() { echo; echo "=== $(date +%T) $*"; }
-verdict() { echo "CHECK $1: $2"; }
+verdict() { echo "CHECK $1: $2"; [[ $2 == FAILED* ]] && FAILED=$((FAILED + 1)); return 0; }
 
 if [ "${INSTALL:-1}" = 1 ]; then
     step "install the built wheel [espnet]; dependencies this environment lacks come from .whl/"
@@ -86,13 +89,13 @@ timeout 180 python3 -m torch.distributed.run --standalone --nproc-per-node 1 --n
     pretrain -u ekd_distiller -g model.yaml -c "$RUNNER" -n ddp --device "$DEV" -o "$O" --seed 0 \
     && verdict torchrun ok || verdict torchrun FAILED
 
-python3 - "$OUT/pretrain_losses.json" <<'EOF'
+python3 - "$OUT/pretrain_losses.json" "$EXP/ddp" <<'EOF'
 import json, sys
 from s3prl_ekd.io.events import read_scalars
 def losses(folder):
     tags = {t: v for t, v in read_scalars(folder).items() if t.endswith("train-loss")}
     return dict(next(iter(tags.values()))) if tags else {}
-plain, resumed, ddp = losses("ev_plain"), losses("ev_resume"), losses("result/pretrain/ddp")
+plain, resumed, ddp = losses("ev_plain"), losses("ev_resume"), losses(sys.argv[2])
 def compare(a, b):
     """Step by step where both have a loss; and the mean of the last 10 steps of each."""
     steps = sorted(set(a) & set(b))
@@ -110,12 +113,13 @@ print(f"plain: {len(plain)} losses, step 1 {first}, step 40 {last}")
 print("resume vs plain:", report["resume_vs_plain"], "| torchrun vs plain:", report["ddp_vs_plain"])
 EOF
 
-CKPT=$(ls -t "$EXP"/plain/states-*.ckpt | head -1)
+CKPT=$(ls -t "$EXP"/plain/states-*.ckpt 2>/dev/null | head -1)  # the resumed run's last checkpoint
 step "prepare + superb --profile superb, $STEPS steps per task, on $DEV, upstream ekd_distiller -k $CKPT"
 timeout 60 s3prl-ekd prepare all --manifest "$CORPUS/manifest.jsonl" --out data >/dev/null || verdict prepare FAILED
-timeout 200 s3prl-ekd superb -u ekd_distiller -k "$CKPT" --data data --tasks pr,sid,er,asr \
+if [ -z "$CKPT" ]; then verdict superb "FAILED (no student checkpoint from the pretrain step)"
+else timeout 200 s3prl-ekd superb -u ekd_distiller -k "$CKPT" --data data --tasks pr,sid,er,asr \
     --profile superb --steps $STEPS --device "$DEV" --out superb \
-    && verdict superb ok || verdict superb FAILED
+    && verdict superb ok || verdict superb FAILED; fi
 cp superb/results.json "$OUT/superb_results.json" 2>/dev/null
 
 step "bench --size $SIZE: live K=1,3 and cached (store of K=3), multi_head"
@@ -131,4 +135,6 @@ timeout 150 s3prl-ekd bench --json "$OUT/bench_fused_adamw.json" --md "$WORK/fus
     --device "$DEV" --k 3 --modes multi_head --reps 5 --warmup 2 --loader-steps 2 \
     --runner-config runner_fused_adamw.yaml --workdir "$WORK/bench" $BENCH \
     && verdict bench_fused ok || verdict bench_fused FAILED
-step "done"
+step "done: $FAILED check(s) failed"
+exec 1>&3 2>&4 && wait $TEE  # the whole log is on disk before the device tool collects $OUT
+exit $FAILED

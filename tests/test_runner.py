@@ -78,6 +78,14 @@ def test_torch_optimizers_log_the_scheduled_learning_rate():
     scheduler.step()
     assert optimizer.get_lr() == [0.5]
 
+    class OwnSchedule(torch.optim.SGD):  # as s3prl's own optimizers: their get_lr is kept
+        def get_lr(self):
+            return ["own"]
+
+    module = types.SimpleNamespace(get_optimizer=lambda params, *a, **k: OwnSchedule(params, lr=1.0))
+    runner.log_scheduled_learning_rate(module)
+    assert module.get_optimizer(model.parameters()).get_lr() == ["own"]
+
 
 def test_checkpoints_are_atomic_and_old_ones_go_after_the_new_one(tmp_path):
     module = fake_runner_module()
