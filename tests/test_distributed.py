@@ -141,7 +141,8 @@ def test_torchrun_run_is_killed_and_resumed_with_another_number_of_processes(tmp
     expdir = tmp_path / "result" / "pretrain" / "ddp"
     steps = 40
     proc = subprocess.Popen(torchrun(2, *pretrain_args(tiny_config, speech_dir, steps)), cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})  # killed ranks leave workspaces there
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and not list(expdir.glob("states-*.ckpt")):
         time.sleep(0.005)

@@ -79,11 +79,13 @@ def test_kill_at_20_moments_then_resume_finishes_every_step(tmp_path, tiny_confi
     rng = random.Random(0)
     base = [sys.executable, "-c", SLOW_DISK_CLI, *pretrain_argv(tiny_config, "killed", speech_dir, steps)]
     kills, newest, attempts = [], 0, 0
+    # A killed run cannot remove its temporary s3prl workspace: keep those under tmp_path, not /tmp.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
     while len(kills) < 20 and attempts < 40 and newest < steps:
         attempts += 1
         argv = base + (["-a"] if expdir.exists() else [])
         proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
         aim = "save" if len(kills) % 2 else "random"
         target, deadline = newest + rng.randint(1, 3), time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None and _saved_steps(expdir) < target:
