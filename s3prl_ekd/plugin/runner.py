@@ -139,6 +139,11 @@ class _Proxy:
         return self._overrides[name] if name in self._overrides else getattr(self._module, name)
 
 
+def pretrain_runner_module():
+    """s3prl's pretrain/runner.py as imported in this process (run_pretrain.py's workspace on sys.path)."""
+    return importlib.import_module("pretrain.runner")
+
+
 def make_checkpoints_atomic(runner_module=None, writer: bool | None = None) -> None:
     """Make s3prl's pretrain runner write checkpoints atomically, and remove old ones (its
     `max_keep`) only once the new one is complete, without editing s3prl's file: its module
@@ -151,7 +156,7 @@ def make_checkpoints_atomic(runner_module=None, writer: bool | None = None) -> N
     if writer is None:
         writer = os.environ.get("RANK", "0") == "0"
     if runner_module is None:
-        runner_module = sys.modules.get("pretrain.runner") or importlib.import_module("pretrain.runner")
+        runner_module = pretrain_runner_module()
     if isinstance(runner_module.torch, _Proxy):
         return
     pending: list[str] = []
@@ -178,7 +183,7 @@ def log_scheduled_learning_rate(runner_module=None) -> None:
     logs the config's constant `lr` although the scheduler changes the rate every step. Such
     optimizers get a `get_lr` that reads the rate in use (the runner's `get_optimizer` is wrapped)."""
     if runner_module is None:
-        runner_module = sys.modules.get("pretrain.runner") or importlib.import_module("pretrain.runner")
+        runner_module = pretrain_runner_module()
     original = runner_module.get_optimizer
     if getattr(original, "logs_scheduled_lr", False):
         return
@@ -370,7 +375,7 @@ def run_pretrain(argv: list[str]) -> int:
             return 0
         distributed.init(context, _device(argv))
         try:
-            runner_module = importlib.import_module("pretrain.runner")
+            runner_module = pretrain_runner_module()
             with distributed.leader_writes(context, runner_module, str(expdir) if expdir else None):
                 runpy.run_path(str(script), run_name="__main__")
         finally:
