@@ -1,8 +1,9 @@
 """`s3prl-ekd` command line: one thin subcommand per library function.
 
-`pretrain` and `downstream` hand their arguments, untouched, to s3prl's own scripts (see
-plugin/runner.py). Each module in COMMAND_MODULES defines `register_cli(subparsers)`, which
-adds its subcommand(s) and sets `func(args) -> int` on them.
+Each module in COMMANDS defines `register_cli(subparsers)`, which adds its subcommand(s) and sets
+`func(args) -> int` on them. Only the module of the command being run is imported, so that
+`s3prl-ekd --help`, `env` and `corpus synth` work where s3prl (or a GPU stack) is missing.
+A user error prints one line, `s3prl-ekd COMMAND: error: ...`, and exits with status 2.
 """
 
 from __future__ import annotations
@@ -12,77 +13,44 @@ import importlib
 import os
 import sys
 
-COMMAND_MODULES = [
-    "s3prl_ekd.demo.corpus",  # corpus synth
-    "s3prl_ekd.plugin.targets",  # targets {build,merge}
-    "s3prl_ekd.tools.export",  # export
-    "s3prl_ekd.recipes.prepare",  # prepare {pr,asr,sid,er,all}
-    "s3prl_ekd.recipes.superb",  # superb
-    "s3prl_ekd.tools.bench",  # bench
-    "s3prl_ekd.demo.teacher_training",  # teachers train
-    "s3prl_ekd.demo.pipeline",  # demo
-]
+# command -> (module defining it, one-line help shown by `s3prl-ekd --help`)
+COMMANDS = {
+    "pretrain": ("s3prl_ekd.plugin.runner", "distil a student with s3prl's run_pretrain.py (-u ekd_distiller)"),
+    "downstream": ("s3prl_ekd.plugin.downstream", "train / evaluate a downstream task with s3prl's "
+                                                   "run_downstream.py"),
+    "superb": ("s3prl_ekd.recipes.superb", "train + test an upstream on PR/SID/ER/ASR; writes results.json/.md"),
+    "targets": ("s3prl_ekd.plugin.targets", "teacher-target store: run the teachers once, distil many students"),
+    "export": ("s3prl_ekd.tools.export", "export a student: a SUPERB submission folder or a transformers model"),
+    "merge": ("s3prl_ekd.tools.merge", "average students trained from one initialisation, in weight space"),
+    "inspect": ("s3prl_ekd.tools.info", "print what a checkpoint holds (step, configs, teachers, size)"),
+    "env": ("s3prl_ekd.tools.info", "print the versions and set-up a bug report needs"),
+    "configs": ("s3prl_ekd.tools.info", "list the shipped pretraining configs, or print one's path"),
+    "prepare": ("s3prl_ekd.recipes.prepare", "make the PR/ASR/SID/ER layouts from a manifest or the real corpora"),
+    "corpus": ("s3prl_ekd.demo.corpus", "synthetic speech corpora (espeak-ng)"),
+    "teachers": ("s3prl_ekd.demo.teacher_training", "train small teachers without labels (demo)"),
+    "demo": ("s3prl_ekd.demo.pipeline", "the paper's experiment in miniature on a synthetic corpus (CPU)"),
+    "bench": ("s3prl_ekd.tools.bench", "time the distillation step, live and from a target store"),
+    "link": ("s3prl_ekd.plugin.runner", "make `run_pretrain.py -u ekd_distiller` work in an s3prl checkout"),
+    "register": ("s3prl_ekd.patches", "write (or --unregister: remove) the start-up hook that adds "
+                                      "ekd_distiller to s3prl.hub"),
+}
+# Commands that run without s3prl installed; every other one first checks the stack (one line if unusable).
+NO_S3PRL = ("env", "corpus", "register")
 PASSTHROUGH = ("pretrain", "downstream")
 
 
-def _register_plugin_commands(subparsers) -> None:
-    from s3prl_ekd.plugin import hub, runner
-
-    subparsers.add_parser("pretrain", add_help=False,
-                          help="s3prl's run_pretrain.py (same arguments), e.g. -u ekd_distiller -g CONFIG -n NAME")
-    subparsers.add_parser("downstream", add_help=False, help="s3prl's run_downstream.py (same arguments), plus "
-                          "--memoize-upstream GIB and --early-stop N")
-
-    p = subparsers.add_parser("link", help="make `run_pretrain.py -u ekd_distiller` work in an s3prl checkout")
-    p.add_argument("s3prl_dir", nargs="?", help="s3prl checkout or package folder (default: the installed s3prl)")
-    p.add_argument("--unlink", action="store_true", help="remove what link created")
-
-    def _link(args):
-        if args.unlink:
-            removed = runner.unlink(args.s3prl_dir)
-            print(f"removed {removed}" if removed else "nothing to unlink")
-        else:
-            print(f"linked {runner.link(args.s3prl_dir)}")
-        return 0
-
-    p.set_defaults(func=_link)
-
-    p = subparsers.add_parser("register", help="write (or --unregister: remove) the start-up hook that adds "
-                                               "ekd_distiller to s3prl.hub (a wheel install ships it already)")
-    p.add_argument("--unregister", action="store_true")
-
-    def _register(args):
-        if args.unregister:
-            removed = hub.unregister()
-            print(f"removed {removed}" if removed else "no start-up hook to remove")
-        else:
-            print(f"wrote {hub.register()}")
-        return 0
-
-    p.set_defaults(func=_register)
-
-    p = subparsers.add_parser("configs", help="list the shipped pretraining configs (-g / -c), or print one's path")
-    p.add_argument("name", nargs="?", help="e.g. tiny_cpu_runner.yaml: print its path")
-
-    def _configs(args):
-        from s3prl_ekd.io.resources import pretrain_config, pretrain_config_names
-
-        names = [args.name] if args.name else pretrain_config_names()
-        for name in names:
-            print(pretrain_config(name) if args.name else f"{name}\t{pretrain_config(name)}")
-        return 0
-
-    p.set_defaults(func=_configs)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s module is imported (others get a placeholder with their help)."""
     parser = argparse.ArgumentParser(
-        prog="s3prl-ekd",
-        description="Ensemble knowledge distillation of SSL speech models (s3prl plugin)")
+        prog="s3prl-ekd", description="Ensemble knowledge distillation of SSL speech models (an s3prl plugin)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show every warning and progress frame of s3prl, torch and torchaudio")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _register_plugin_commands(subparsers)
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register_cli(subparsers)
+    if command in COMMANDS:
+        importlib.import_module(COMMANDS[command][0]).register_cli(subparsers)
+    for name, (_, text) in COMMANDS.items():
+        if name not in subparsers.choices:
+            subparsers.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -95,22 +63,35 @@ def user_message(error: Exception) -> str:
     return text
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named in `argv` (after the global options), or None."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from s3prl_ekd.errors import UserError
 
     argv = sys.argv[1:] if argv is None else argv
-    command = argv[0] if argv else None
+    command = _command(argv)
     try:
-        if command == "pretrain":
-            from s3prl_ekd.plugin.runner import run_pretrain
+        if command in COMMANDS and command not in NO_S3PRL:
+            from s3prl_ekd.stack import require_stack
 
-            return run_pretrain(argv[1:])
-        if command == "downstream":
-            from s3prl_ekd.plugin.downstream import run_downstream
+            try:
+                require_stack()
+            except ImportError as error:
+                raise UserError(str(error)) from None
+        if command in PASSTHROUGH:  # until their own parsers land: s3prl's scripts parse these
+            module = importlib.import_module(COMMANDS[command][0])
+            return getattr(module, f"run_{command}")(argv[argv.index(command) + 1:])
+        args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+        from s3prl_ekd.patches import quiet
 
-            return run_downstream(argv[1:])
-        args = build_parser().parse_args(argv)
-        return int(args.func(args) or 0)
+        with quiet(verbose=args.verbose):
+            return int(args.func(args) or 0)
     except UserError as error:
         close_progress_bars()
         rank = f" rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']}:" if "RANK" in os.environ else ""

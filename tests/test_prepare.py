@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import s3prl_ekd.plugin.hub  # noqa: F401  (s3prl.downstream.ctc.corpus.libriphone, even without the .pth)
+from s3prl_ekd import _startup  # s3prl.downstream.ctc.corpus.libriphone, even without the .pth
 from s3prl_ekd.errors import AudioError, UserError
 from s3prl_ekd.recipes import iemocap, layout, librispeech, voxceleb1
 

@@ -1,1 +1,6 @@
-"""The method, independent of s3prl's runners: configs, teachers, aggregation, student, loss, objective."""
+"""The method: configs, frames, teachers, aggregation, student, loss, objective, precision."""
+
+from s3prl_ekd.stack import require_stack
+
+# An ImportError whose message names the stack to install, instead of an error deep inside s3prl.
+require_stack()

@@ -3,9 +3,9 @@
 Targets in bfloat16 / float16 (a teacher run under autocast, or a target store) are checked
 against float32 per teacher layer; one that overflows or differs by more than a tolerance is
 refused with one line (s3prl's distiller runs its teacher in float32 for this reason; its users
-saw fp16 ruin distillation from large-norm teachers, s3prl issue #378). And the positional
-convolution, which half-precision cuDNN runs ~10x slower than float32 on recent GPUs
-(shared/GPU_PROFILE.md), can be kept in float32 inside autocast.
+saw fp16 ruin distillation from large-norm teachers, s3prl issue #378). Keeping the positional
+convolutions in float32 inside autocast is a run-time change to s3prl's modules:
+`s3prl_ekd.patches.keep_pos_conv_fp32`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import nn
-
 from s3prl_ekd.errors import ConfigError
 
 # Default bound on ||half - float32|| / ||float32|| per teacher layer. Measured on the tiny test
@@ -48,24 +46,3 @@ def check_tolerance(name: str, layers: Sequence[int], relative: Sequence[float],
         if not error <= tolerance:  # also catches NaN
             raise ConfigError(f"{name} layer {layer}: {dtype} targets differ from float32 by {100 * error:.2f}% "
                               f"(tolerance {100 * tolerance:g}%); use float32 targets for this teacher")
-
-
-def keep_pos_conv_fp32(model: nn.Module) -> int:
-    """Make every `pos_conv` under `model` run in float32 with autocast off, whatever the surrounding
-    autocast says. Returns how many. Parameter names are unchanged (the instance's forward is
-    replaced), so state dicts load and save as before; not for nn.DataParallel, whose replicas
-    would call the original module."""
-    wrapped = 0
-    for module in list(model.modules()):
-        conv = getattr(module, "pos_conv", None)
-        if isinstance(conv, nn.Module) and not getattr(conv, "runs_in_float32", False):
-            original = conv.forward
-
-            def forward(x: torch.Tensor, _original=original) -> torch.Tensor:
-                with torch.autocast(x.device.type, enabled=False):
-                    return _original(x.float())
-
-            conv.forward = forward
-            conv.runs_in_float32 = True
-            wrapped += 1
-    return wrapped

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from s3prl_ekd.core.config import TeacherConfig, check_averageable, check_layer_counts, check_layers, default_layers
-from s3prl_ekd.core.precision import DEFAULT_TOLERANCE, check_targets, check_tolerance, keep_pos_conv_fp32, layer_errors
+from s3prl_ekd.core.precision import DEFAULT_TOLERANCE, check_targets, check_tolerance, layer_errors
 from s3prl_ekd.errors import CheckpointError, ConfigError
 from s3prl_ekd.io.audio import SAMPLE_RATE
+from s3prl_ekd.patches import keep_pos_conv_fp32
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_FRAME_MISMATCH = 2  # teachers may disagree by a frame or two at the edges (s3prl issue 331)

@@ -250,7 +250,9 @@ def count_parameters(upstream: str, ckpt: Path | None) -> int:
         return 0
     import s3prl.hub
 
-    import s3prl_ekd.plugin.hub  # noqa: F401  (ekd_distiller in s3prl.hub)
+    from s3prl_ekd import _startup
+
+    _startup.install()  # ekd_distiller in s3prl.hub even without the .pth
 
     model = getattr(s3prl.hub, upstream)(ckpt=str(ckpt))
     return sum(p.numel() for p in model.parameters())

@@ -27,6 +27,10 @@ STUDENT_KEY = "Student"            # core.student.student_state(...): config, he
 MODEL_CONFIG_KEY = "Upstream_Config"
 TEACHER_DIMS_KEY = "Teacher_Dims"  # each teacher's hidden size: splits layerwise_concat heads downstream
 STEP_KEY = "Step"                  # completed optimizer updates
+# Written by the pretrain expert for the ways of combining teachers beyond the paper:
+INIT_KEY = "Init"                  # {source: model config's init teacher, fingerprint: sha256 of the initial backbone}
+TARGET_NORM_KEY = "Target_Norm"    # per teacher: LayerStats.to_dict() of the statistics targets were standardised by
+LOSS_WEIGHTS_KEY = "Loss_Weights"  # uncertainty weighting: the learned per-head-set log-variances
 
 # model.pt: {format: MODEL_FORMAT, student: student_state dict, aggregation: str,
 #            teachers: [{name, layers, weight, dim (int or None)}], step: int, model_config: dict}

@@ -1,1 +1,5 @@
-"""The s3prl plugin: pretraining task and data, the runners' bridge, hub registration, datasets s3prl lacks."""
+"""The s3prl plugin: pretrain expert and data, runner bridges, DDP, the target store builder."""
+
+from s3prl_ekd.stack import require_stack
+
+require_stack()

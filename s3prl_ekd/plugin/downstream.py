@@ -229,7 +229,9 @@ def _split_own_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def run_downstream(argv: list[str]) -> int:
     """s3prl's run_downstream.py with `argv` (it runs from any directory), plus our two flags."""
-    import s3prl_ekd.plugin.hub  # noqa: F401  (registers ekd_distiller even without the .pth)
+    from s3prl_ekd import _startup
+
+    _startup.install()  # ekd_distiller in s3prl.hub even without the .pth
 
     own, argv = _split_own_flags(argv)
     expdir = argparse.ArgumentParser(add_help=False)

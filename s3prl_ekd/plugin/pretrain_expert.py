@@ -15,7 +15,7 @@ from torch import nn
 from s3prl_ekd.core.config import EKDConfig, load_config
 from s3prl_ekd.core.distill import DistillObjective, build_student, head_set_names, init_from_teacher, target_names
 from s3prl_ekd.core.loss import LossTerms
-from s3prl_ekd.core.precision import keep_pos_conv_fp32
+from s3prl_ekd.patches import keep_pos_conv_fp32
 from s3prl_ekd.core.student import student_state
 from s3prl_ekd.core.teachers import TeacherEnsemble, load_upstream
 from s3prl_ekd.errors import CheckpointError

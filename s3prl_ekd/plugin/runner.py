@@ -382,3 +382,19 @@ def run_pretrain(argv: list[str]) -> int:
             distributed.leave()
     return 0
 
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("link", help="make `run_pretrain.py -u ekd_distiller` work in an s3prl checkout")
+    p.add_argument("s3prl_dir", nargs="?", help="s3prl checkout or package folder (default: the installed s3prl)")
+    p.add_argument("--unlink", action="store_true", help="remove what link created")
+
+    def _link(args) -> int:
+        if args.unlink:
+            removed = unlink(args.s3prl_dir)
+            print(f"removed {removed}" if removed else "nothing to unlink")
+        else:
+            print(f"linked {link(args.s3prl_dir)}")
+        return 0
+
+    p.set_defaults(func=_link)

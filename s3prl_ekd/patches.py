@@ -1,0 +1,690 @@
+"""Every run-time change s3prl-ekd makes to s3prl, torchaudio, torch or the standard library.
+
+Nowhere else does the package replace a function, class, module attribute or global of code that
+is not its own. Each change is a small named function or context manager, listed in PATCHES with
+what it replaces, why, which stacks need it and the test that covers it. `reason_holds()` probes
+the installed stack for the behaviour a patch works around: tests/test_patches.py runs every probe
+on both supported stacks, so when an s3prl release fixes one, the suite says that its patch can go.
+Context managers restore what they changed on exit; nothing is changed process-wide where a scoped
+change does the job.
+
+Heavy modules (torch, s3prl) are imported inside the functions: `_startup.py` imports this module
+in every process that imports `s3prl.hub`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    replaces: str       # what is changed, fully qualified
+    why: str
+    needed_on: str      # which s3prl distributions / versions / set-ups need it
+    test: str           # the test that shows it works
+    applies: Callable[[], bool]                 # does the installed stack need it
+    reason_holds: Callable[[], bool] | None     # is the worked-around behaviour still there (None: a feature)
+
+
+PATCHES: dict[str, Patch] = {}
+
+
+def _always() -> bool:
+    return True
+
+
+def _patch(name: str, replaces: str, why: str, needed_on: str, test: str,
+           applies: Callable[[], bool] = _always, reason_holds: Callable[[], bool] | None = None):
+    """Record a patch; used as a decorator on the function that applies it."""
+    def record(fn):
+        PATCHES[name] = Patch(name, replaces, why, needed_on, test, applies, reason_holds)
+        return fn
+    return record
+
+
+def _source(module_name: str, attribute: str | None = None) -> str:
+    import inspect
+
+    module = importlib.import_module(module_name)
+    return inspect.getsource(getattr(module, attribute) if attribute else module)
+
+
+def _s3prl_dir():
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("s3prl")
+    return Path(spec.origin).parent
+
+
+def _script_source(name: str) -> str:
+    return (_s3prl_dir() / name).read_text()
+
+
+# -- s3prl.hub: the upstream entries and the modules the wheel lacks -------------------------------
+
+HUB_ENTRIES = ("ekd_distiller", "ekd_distiller_local", "ekd_distiller_url")
+
+
+def _hub_has_no_plugin_registry() -> bool:
+    return "entry_points" not in _source("s3prl.hub")
+
+
+@_patch("hub_entries", "s3prl.hub: adds the attributes ekd_distiller, ekd_distiller_local, ekd_distiller_url",
+        "s3prl.hub star-imports a fixed list of upstreams and has no plugin registry; run_downstream.py -u, "
+        "S3PRLUpstream and ESPnet's S3prlFrontend look upstream names up there",
+        "every stack (s3prl 0.4.18, espnet-s3prl 2026.5.14)",
+        "tests/test_upstream.py::test_hub_entries_in_a_fresh_interpreter, tests/test_patches.py::test_broken_plugin",
+        reason_holds=_hub_has_no_plugin_registry)
+def add_hub_entries(hub_module) -> None:
+    """Set the ekd_distiller entries on `hub_module`. If the plugin cannot load here, each entry is a
+    function raising one line that says why, so `-u ekd_distiller` never just vanishes."""
+    from s3prl_ekd.stack import stack_problem
+
+    problem = stack_problem()
+    if problem is None:
+        try:
+            from s3prl_ekd.upstream.ekd_distiller import hubconf
+
+            for name in HUB_ENTRIES:
+                setattr(hub_module, name, getattr(hubconf, name))
+            return
+        except Exception as error:  # any import failure of the plugin becomes the entries' message
+            problem = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    for name in HUB_ENTRIES:
+        setattr(hub_module, name, _unavailable(name, problem))
+
+
+def _unavailable(name: str, problem: str):
+    def entry(*args, **kwargs):
+        raise ImportError(f"{name}: s3prl-ekd cannot load in this environment ({problem}); "
+                          "`s3prl-ekd env` shows what is installed")
+
+    entry.__name__ = name
+    return entry
+
+
+# s3prl module name -> our module providing it (None: an empty package)
+MISSING_MODULES = {
+    "s3prl.downstream.ctc.corpus": None,
+    "s3prl.downstream.ctc.corpus.libriphone": "s3prl_ekd.plugin.libriphone",
+}
+
+
+def _wheel_lacks_libriphone() -> bool:
+    return not (_s3prl_dir() / "downstream" / "ctc" / "corpus" / "libriphone.py").is_file()
+
+
+class _ProvidedModule:
+    """Loader of a MISSING_MODULES entry: a fresh module named as s3prl expects, filled from ours."""
+
+    def __init__(self, provider: str | None):
+        self.provider = provider
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        if self.provider is not None:
+            source = importlib.import_module(self.provider)
+            module.__dict__.update({k: v for k, v in vars(source).items() if not k.startswith("__")})
+
+
+@_patch("missing_modules", "import system: provides s3prl.downstream.ctc.corpus(.libriphone)",
+        "s3prl's ctc expert (PR) imports its LibriPhone corpus loader from a folder the wheel does not ship",
+        "every stack (s3prl 0.4.18, espnet-s3prl 2026.5.14)",
+        "tests/test_prepare.py (PR through run_downstream.py), tests/test_patches.py::test_missing_module",
+        reason_holds=_wheel_lacks_libriphone)
+def missing_module_spec(fullname: str):
+    import importlib.machinery
+
+    from s3prl_ekd import _startup
+
+    assert set(MISSING_MODULES) == _startup.MISSING, "_startup.MISSING and patches.MISSING_MODULES differ"
+    provider = MISSING_MODULES[fullname]
+    return importlib.machinery.ModuleSpec(fullname, _ProvidedModule(provider), is_package=provider is None)
+
+
+PTH_NAME = "s3prl_ekd_hub.pth"
+
+
+def register(site_dir=None):
+    """Write the start-up hook into `site_dir` (default: this environment's site-packages). Idempotent."""
+    import sysconfig
+    from pathlib import Path
+
+    pth = Path(site_dir or sysconfig.get_paths()["purelib"]) / PTH_NAME
+    pth.write_text((Path(__file__).parent / "plugin" / PTH_NAME).read_text())
+    return pth
+
+
+def unregister(site_dir=None):
+    """Remove the start-up hook; returns its path, or None if there was none."""
+    import sysconfig
+    from pathlib import Path
+
+    pth = Path(site_dir or sysconfig.get_paths()["purelib"]) / PTH_NAME
+    if not pth.is_file():
+        return None
+    pth.unlink()
+    return pth
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("register", help="write (or --unregister: remove) the start-up hook that adds "
+                                               "ekd_distiller to s3prl.hub (a wheel install ships it already)")
+    p.add_argument("--unregister", action="store_true")
+
+    def _register(args):
+        if args.unregister:
+            removed = unregister()
+            print(f"removed {removed}" if removed else "no start-up hook to remove")
+        else:
+            print(f"wrote {register()}")
+        return 0
+
+    p.set_defaults(func=_register)
+
+
+# -- running s3prl's scripts ------------------------------------------------------------------------
+
+def _scripts_need_their_folder() -> bool:
+    source = _script_source("run_pretrain.py")
+    return "os.listdir('pretrain/')" in source and "from pretrain.runner import" in source
+
+
+@_patch("script_context", "sys.argv, sys.path, the working directory; sys.modules['optimizers'] and "
+        "['schedulers'] (aliases of s3prl.optimizers / s3prl.schedulers)",
+        "s3prl's scripts parse sys.argv, import their siblings as top-level modules (pretrain.runner, "
+        "optimizers, utility.helper) and list pretrain/ relative to the working directory; the aliases make "
+        "the LR schedules they pickle into checkpoints `s3prl.optimizers.*`, loadable wherever s3prl is installed",
+        "every stack", "tests/test_pretrain.py, tests/test_patches.py::test_checkpoint_names_s3prl_optimizers",
+        reason_holds=_scripts_need_their_folder)
+@contextlib.contextmanager
+def script_context(script, argv: list[str], cwd, path: list) -> Iterator[None]:
+    """sys.argv, sys.path and the working directory for running one of s3prl's scripts with runpy."""
+    import s3prl.optimizers
+    import s3prl.schedulers
+
+    old_argv, old_cwd, old_path = sys.argv, os.getcwd(), list(sys.path)
+    aliases = {"optimizers": s3prl.optimizers, "schedulers": s3prl.schedulers}
+    old_modules = {name: sys.modules.get(name) for name in aliases}
+    sys.argv = [str(script), *argv]
+    sys.path[:0] = [str(p) for p in path]
+    sys.modules.update(aliases)
+    os.chdir(cwd)
+    try:
+        yield
+    finally:
+        sys.argv, sys.path[:] = old_argv, old_path
+        for name, module in old_modules.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+        os.chdir(old_cwd)
+
+
+# -- s3prl's pretrain runner ------------------------------------------------------------------------
+
+def _runner_saves_in_place() -> bool:
+    source = _source("s3prl.pretrain.runner", "Runner")
+    return "torch.save(all_states, save_path)" in source and "os.remove(ckpt_pth)" in source
+
+
+class _Proxy:
+    """Stands in for a module inside s3prl's runner: every name but the overridden ones is the module's."""
+
+    def __init__(self, module, **overrides):
+        self._module, self._overrides = module, overrides
+
+    def __getattr__(self, name):
+        return self._overrides[name] if name in self._overrides else getattr(self._module, name)
+
+
+@_patch("atomic_runner_checkpoints", "pretrain.runner's module globals `torch` (save) and `os` (remove)",
+        "s3prl's pretrain runner removes old checkpoints before writing the next one, with torch.save straight "
+        "to its final name: a kill or a full disk loses checkpoints or leaves a truncated one",
+        "every stack", "tests/test_faults.py (kill -9 during writes, full disk)",
+        reason_holds=_runner_saves_in_place)
+@contextlib.contextmanager
+def atomic_runner_checkpoints(runner_module, writer: bool = True) -> Iterator[None]:
+    """Within the block, the runner writes checkpoints atomically and removes old ones (its `max_keep`)
+    only once the new one is complete. `writer=False` drops saves and removals (torchrun ranks but 0)."""
+    import torch
+
+    from s3prl_ekd.io.files import atomic_torch_save
+
+    pending: list[str] = []
+
+    def save(obj, path, *args, **kwargs):
+        if writer:
+            atomic_torch_save(obj, path)
+            for old in pending:
+                if os.path.abspath(old) != os.path.abspath(path):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(old)
+        pending.clear()
+
+    def remove(path):
+        pending.append(path)
+
+    saved = runner_module.torch, runner_module.os
+    runner_module.torch, runner_module.os = _Proxy(torch, save=save), _Proxy(os, remove=remove)
+    try:
+        yield
+    finally:
+        runner_module.torch, runner_module.os = saved
+
+
+def _runner_logs_constant_lr() -> bool:
+    import torch
+
+    return "self.config['optimizer']['lr']" in _source("s3prl.pretrain.runner", "Runner") \
+        and not hasattr(torch.optim.AdamW, "get_lr")
+
+
+@_patch("scheduled_lr_logging", "pretrain.runner.get_optimizer (wrapped: PyTorch optimizers get a get_lr)",
+        "s3prl's pretrain runner logs train-lr from optimizer.get_lr(), which only s3prl's own optimizers have; "
+        "for `name: TorchOptim` (runner_fused_adamw.yaml) it logs the config's constant lr",
+        "every stack", "tests/test_runner.py::test_train_lr_is_the_scheduled_rate",
+        reason_holds=_runner_logs_constant_lr)
+@contextlib.contextmanager
+def scheduled_lr_logging(runner_module) -> Iterator[None]:
+    original = runner_module.get_optimizer
+
+    def get_optimizer(*args, **kwargs):
+        optimizer = original(*args, **kwargs)
+        if not hasattr(optimizer, "get_lr"):
+            optimizer.get_lr = lambda: [group["lr"] for group in optimizer.param_groups]
+        return optimizer
+
+    runner_module.get_optimizer = get_optimizer
+    try:
+        yield
+    finally:
+        runner_module.get_optimizer = original
+
+
+def _runner_has_no_ranks() -> bool:
+    source = _source("s3prl.pretrain.runner")
+    return "get_rank" not in source and "is_leader_process" not in source
+
+
+class _NullWriter:
+    """tensorboardX.SummaryWriter that logs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+@_patch("quiet_ranks", "pretrain.runner.SummaryWriter and pretrain.runner.tqdm, on torchrun ranks other than 0",
+        "s3prl's pretrain runner has no notion of ranks: every process would write tensorboard logs and "
+        "draw progress bars", "every stack", "tests/test_distributed.py",
+        reason_holds=_runner_has_no_ranks)
+@contextlib.contextmanager
+def quiet_ranks(runner_module) -> Iterator[None]:
+    from tqdm import tqdm
+
+    class QuietTqdm(tqdm):
+        """Counts as tqdm does (s3prl's loop reads pbar.n) but prints nothing."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "file": open(os.devnull, "w")})
+
+        @staticmethod
+        def write(*args, **kwargs):
+            pass
+
+    saved = runner_module.SummaryWriter, runner_module.tqdm
+    runner_module.SummaryWriter, runner_module.tqdm = _NullWriter, QuietTqdm
+    try:
+        yield
+    finally:
+        runner_module.SummaryWriter, runner_module.tqdm = saved
+
+
+# -- s3prl's downstream runner and datasets ---------------------------------------------------------
+
+def _torchaudio_version() -> tuple[int, int]:
+    import torchaudio
+
+    return tuple(int(x) for x in torchaudio.__version__.split("+")[0].split(".")[:2])
+
+
+def torchcodec_usable() -> bool:
+    try:
+        import torchcodec.decoders  # noqa: F401  (loads FFmpeg's libraries)
+    except Exception:  # not installed, or FFmpeg missing / mismatched: either way unusable
+        return False
+    return True
+
+
+def _needs_soundfile() -> bool:
+    return _torchaudio_version() >= (2, 9) and not torchcodec_usable()
+
+
+def _s3prl_datasets_call_torchaudio_load() -> bool:
+    return "torchaudio.load(" in _source("s3prl.downstream.voxceleb1.dataset") \
+        and "torchaudio.load(" in _source("s3prl.downstream.emotion.dataset")
+
+
+def soundfile_load(uri, frame_offset: int = 0, num_frames: int = -1, normalize: bool = True,
+                   channels_first: bool = True, **_):
+    """torchaudio.load's result, (waveform (C, S) float32, sample rate), read with soundfile."""
+    import soundfile as sf
+    import torch
+
+    stop = None if num_frames < 0 else frame_offset + num_frames
+    data, rate = sf.read(str(uri), start=frame_offset, stop=stop, dtype="float32", always_2d=True)
+    wave = torch.from_numpy(data)
+    return (wave.T.contiguous() if channels_first else wave), rate
+
+
+@_patch("soundfile_audio", "torchaudio.load (read with soundfile instead)",
+        "s3prl's downstream datasets read audio with torchaudio.load, which from torchaudio 2.9 on needs "
+        "torchcodec and FFmpeg; the files `prepare` writes are wav/flac, which soundfile reads",
+        "torchaudio >= 2.9 without a usable torchcodec (espnet-s3prl stack)", "tests/test_downstream.py",
+        applies=_needs_soundfile, reason_holds=_s3prl_datasets_call_torchaudio_load)
+@contextlib.contextmanager
+def soundfile_audio() -> Iterator[None]:
+    import torchaudio
+
+    saved = torchaudio.load
+    if _needs_soundfile():
+        torchaudio.load = soundfile_load
+    try:
+        yield
+    finally:
+        torchaudio.load = saved
+
+
+def _voxceleb1_caches_in_package() -> bool:
+    from s3prl.downstream.voxceleb1 import dataset
+
+    return os.path.abspath(dataset.CACHE_PATH).startswith(str(_s3prl_dir()))
+
+
+@_patch("voxceleb1_cache", "s3prl.downstream.voxceleb1.dataset.CACHE_PATH (a temporary folder per run)",
+        "s3prl's SID dataset caches its file lists inside its own package folder and reuses them whatever "
+        "the config says: runs on other data would read stale lists, and site-packages may be read-only",
+        "every stack", "tests/test_downstream.py::test_read_only_s3prl",
+        reason_holds=_voxceleb1_caches_in_package)
+@contextlib.contextmanager
+def voxceleb1_cache() -> Iterator[None]:
+    import tempfile
+
+    from s3prl.downstream.voxceleb1 import dataset
+
+    saved = dataset.CACHE_PATH
+    with tempfile.TemporaryDirectory(prefix="s3prl-ekd-voxceleb1-cache-") as cache:
+        dataset.CACHE_PATH = cache + "/"
+        try:
+            yield
+        finally:
+            dataset.CACHE_PATH = saved
+
+
+def _hack_nests() -> bool:
+    import builtins
+
+    from s3prl.utility import helper
+
+    original = builtins.isinstance
+    try:
+        helper.hack_isinstance()
+        once = builtins.isinstance
+        helper.hack_isinstance()
+        return builtins.isinstance is not once
+    finally:
+        builtins.isinstance = original
+
+
+@_patch("isinstance_hack_once", "s3prl.utility.helper.hack_isinstance (wraps builtins.isinstance once per process)",
+        "run_downstream.py's main() wraps builtins.isinstance in a Python function every time it runs: runs "
+        "in one process (`superb --in-process`) nest the wrappers, and after 8 runs every isinstance costs 8 calls",
+        "every stack", "tests/test_patches.py::test_isinstance_wrapped_once", reason_holds=_hack_nests)
+@contextlib.contextmanager
+def isinstance_hack_once() -> Iterator[None]:
+    import builtins
+
+    from s3prl.utility import helper
+
+    saved = helper.hack_isinstance
+
+    def once():
+        if getattr(builtins.isinstance, "__qualname__", "") != "hack_isinstance.<locals>.isinstance":
+            saved()
+
+    helper.hack_isinstance = once
+    try:
+        yield
+    finally:
+        helper.hack_isinstance = saved
+
+
+def _ctc_loader_pops_workers() -> bool:
+    from s3prl.downstream.ctc import data
+
+    class Stop(Exception):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise Stop
+
+    corpus, saved = {"num_workers": 0}, data.create_dataset
+    data.create_dataset = refuse
+    try:
+        data.load_dataset("train", None, corpus)
+    except Stop:
+        pass
+    finally:
+        data.create_dataset = saved
+    return "num_workers" not in corpus
+
+
+@_patch("ctc_loader_config_copy", "s3prl.downstream.ctc.expert.load_dataset (called with a copy of the corpus config)",
+        "s3prl's ctc expert (PR) pops num_workers out of the shared corpus config when it builds the train "
+        "loader, so dev and test loaders fall back to 12 worker processes whatever the recipe says",
+        "every stack", "tests/test_downstream.py::test_ctc_loaders_keep_num_workers",
+        reason_holds=_ctc_loader_pops_workers)
+@contextlib.contextmanager
+def ctc_loader_config_copy() -> Iterator[None]:
+    from s3prl.downstream.ctc import expert
+
+    saved = expert.load_dataset
+    expert.load_dataset = lambda split, tokenizer, corpus: saved(split, tokenizer, dict(corpus))
+    try:
+        yield
+    finally:
+        expert.load_dataset = saved
+
+
+def _downstream_has_no_early_stop() -> bool:
+    return "patience" not in _script_source("run_downstream.py") and "early" not in _script_source("run_downstream.py")
+
+
+@_patch("downstream_savings", "s3prl.downstream.runner.Runner._get_upstream, .evaluate, ._get_featurizer and "
+        "the module's SummaryWriter", "`--memoize-upstream` (a frozen upstream runs once per utterance) and "
+        "`--early-stop` (stop when dev stops improving), which s3prl's downstream runner does not offer",
+        "every stack (opt-in flags of `s3prl-ekd downstream`)", "tests/test_downstream.py",
+        reason_holds=_downstream_has_no_early_stop)
+@contextlib.contextmanager
+def downstream_runner_hooks(get_upstream=None, evaluate=None, get_featurizer=None,
+                            summary_writer=None) -> Iterator[None]:
+    """Replace the given Runner methods (each called with the original as its first argument) and the
+    SummaryWriter class for the block."""
+    from s3prl.downstream import runner
+
+    Runner = runner.Runner
+    saved = (Runner._get_upstream, Runner.evaluate, Runner._get_featurizer, runner.SummaryWriter)
+
+    def wrap(method, replacement):
+        return method if replacement is None else (lambda self, *a, **k: replacement(method, self, *a, **k))
+
+    Runner._get_upstream = wrap(saved[0], get_upstream)
+    Runner.evaluate = wrap(saved[1], evaluate)
+    Runner._get_featurizer = wrap(saved[2], get_featurizer)
+    if summary_writer is not None:
+        runner.SummaryWriter = summary_writer
+    try:
+        yield
+    finally:
+        Runner._get_upstream, Runner.evaluate, Runner._get_featurizer, runner.SummaryWriter = saved
+
+
+# -- models -------------------------------------------------------------------------------------------
+
+@_patch("pos_conv_float32", "forward of each `pos_conv` module instance (s3prl's HuBERT, WavLM, DistillerModel)",
+        "under half-precision autocast cuDNN runs this grouped kernel-128 convolution several times slower than "
+        "in float32 (benchmarks/RESULTS.md, GPU section); parameter names are unchanged",
+        "CUDA with teacher_dtype or fp16 in half precision (fp32_pos_conv: true)",
+        "tests/test_bench.py::test_fp32_pos_conv_flag")
+def keep_pos_conv_fp32(model) -> int:
+    """Make every `pos_conv` under `model` run in float32 with autocast off. Returns how many. Not for
+    nn.DataParallel, whose replicas would call the original module."""
+    import torch
+    from torch import nn
+
+    wrapped = 0
+    for module in list(model.modules()):
+        conv = getattr(module, "pos_conv", None)
+        if isinstance(conv, nn.Module) and not getattr(conv, "runs_in_float32", False):
+            original = conv.forward
+
+            def forward(x: torch.Tensor, _original=original) -> torch.Tensor:
+                with torch.autocast(x.device.type, enabled=False):
+                    return _original(x.float())
+
+            conv.forward = forward
+            conv.runs_in_float32 = True
+            wrapped += 1
+    return wrapped
+
+
+# -- what a user sees -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KnownWarning:
+    """A warning (by category and start of message) that a user cannot act on, and who emits it."""
+
+    category: type
+    message: str     # regular expression matched against the start of the message
+    emitted_by: str  # the package and versions seen emitting it
+
+
+def _known_warnings() -> list[KnownWarning]:
+    return [
+        KnownWarning(UserWarning, r"torchaudio\._backend\.set_audio_backend has been deprecated",
+                     "s3prl 0.4.18 on torchaudio 2.8 (run_downstream.py, s3prl.dataio)"),
+        KnownWarning(UserWarning, r"In 2\.9, this function's implementation will be changed",
+                     "torchaudio 2.8 (torchaudio.load / info, called by s3prl's datasets)"),
+        KnownWarning(FutureWarning, r"`torch\.cuda\.amp\.(GradScaler|autocast)\(args\.\.\.\)` is deprecated",
+                     "torch >= 2.4, called by s3prl's runners"),
+        KnownWarning(UserWarning, r"torch\.nn\.utils\.weight_norm is deprecated",
+                     "torch >= 2.1, called by s3prl's HuBERT / WavLM / DistillerModel constructors"),
+        KnownWarning(FutureWarning, r"You are using `torch\.load` with `weights_only=False`",
+                     "torch 2.4-2.5, called by s3prl"),
+        KnownWarning(UserWarning, r"This overload of nonzero is deprecated", "torch, called by fairseq-style masking"),
+        KnownWarning(DeprecationWarning, r"", "any package (Python hides these outside __main__ by default)"),
+    ]
+
+
+# (logger, start of message) of log lines s3prl writes on import that say nothing about this package's work.
+KNOWN_LOG_LINES = (("s3prl.upstream.espnet_hubert.expert", "ESPnet is not installed, cannot use espnet_hubert"),)
+
+
+class _DropKnown:
+    """logging filter dropping one known message."""
+
+    def __init__(self, start: str):
+        self.start = start
+
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+@_patch("known_warnings", "warnings filters and logging filters (inside `s3prl-ekd` commands, not with -v)",
+        "s3prl, torchaudio and torch warn about deprecations a user of this package cannot act on, and s3prl "
+        "logs that ESPnet is missing whenever s3prl.hub is imported", "the versions in KnownWarning.emitted_by",
+        "tests/test_patches.py::test_tiny_pretrain_is_quiet")
+@contextlib.contextmanager
+def known_warnings_filtered() -> Iterator[None]:
+    import logging
+
+    filters = [(logging.getLogger(name), _DropKnown(start)) for name, start in KNOWN_LOG_LINES]
+    with warnings.catch_warnings():
+        for known in _known_warnings():
+            warnings.filterwarnings("ignore", message=known.message, category=known.category)
+        for logger, drop in filters:
+            logger.addFilter(drop)
+        try:
+            yield
+        finally:
+            for logger, drop in filters:
+                logger.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def quiet(verbose: bool = False) -> Iterator[None]:
+    """Within our entry points: the known harmless warnings and log lines filtered, and progress bars as
+    plain periodic lines when stderr is not a terminal. `verbose` leaves everything as it is."""
+    if verbose:
+        yield
+        return
+    with known_warnings_filtered(), plain_progress_bars():
+        yield
+
+
+def _runner_draws_bars() -> bool:
+    return "tqdm(" in _source("s3prl.downstream.runner") and "tqdm(" in _source("s3prl.pretrain.runner")
+
+
+PROGRESS_EVERY_SECONDS = 30.0
+
+
+@_patch("plain_progress_bars", "tqdm.tqdm.display / its defaults, while stderr is not a terminal",
+        "s3prl's runners draw tqdm bars with carriage returns: log files fill with thousands of frames",
+        "every stack", "tests/test_patches.py::test_progress_lines_without_a_terminal",
+        reason_holds=_runner_draws_bars)
+@contextlib.contextmanager
+def plain_progress_bars(every: float = PROGRESS_EVERY_SECONDS) -> Iterator[None]:
+    """While stderr is not a terminal, every tqdm bar prints its state as one plain line at most every
+    `every` seconds, and once when it closes."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from tqdm import tqdm
+
+    saved_init, saved_display = tqdm.__init__, tqdm.display
+
+    def __init__(self, *args, **kwargs):
+        kwargs["mininterval"] = max(kwargs.get("mininterval", 0.1), every)
+        kwargs["dynamic_ncols"] = False
+        kwargs.setdefault("ncols", 100)
+        saved_init(self, *args, **kwargs)
+
+    def display(self, msg=None, pos=None):
+        if self.disable or getattr(self, "_plain_last", None) == self.n:
+            return True
+        self._plain_last = self.n
+        file = self.fp if self.fp is not None else sys.stderr
+        file.write((msg if msg is not None else self.__str__()).strip() + "\n")
+        file.flush()
+        return True
+
+    tqdm.__init__, tqdm.display = __init__, display
+    try:
+        yield
+    finally:
+        tqdm.__init__, tqdm.display = saved_init, saved_display
