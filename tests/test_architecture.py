@@ -13,7 +13,8 @@ PACKAGE_DIR = Path(s3prl_ekd.__file__).parent
 UPSTREAM_DIR = Path(__import__("s3prl_ekd.upstream", fromlist=["_"]).__file__).parent
 
 # Lower rank = closer to the bottom; a module may import its own rank or lower.
-RANKS = {"s3prl_ekd.errors": 0, "s3prl_ekd.stack": 0, "s3prl_ekd.io": 1, "s3prl_ekd.core": 2,
+RANKS = {"s3prl_ekd.errors": 0, "s3prl_ekd.stack": 0, "s3prl_ekd.devices": 0, "s3prl_ekd._startup": 3,
+         "s3prl_ekd.patches": 3, "s3prl_ekd.io": 1, "s3prl_ekd.core": 2,
          "s3prl_ekd.plugin": 3, "s3prl_ekd.upstream": 3, "s3prl_ekd.recipes": 4, "s3prl_ekd.tools": 4,
          "s3prl_ekd.demo": 5, "s3prl_ekd.cli": 6}
 

@@ -17,7 +17,6 @@ from s3prl_ekd.core.config import TeacherConfig, check_averageable, check_layer_
 from s3prl_ekd.core.precision import DEFAULT_TOLERANCE, check_targets, check_tolerance, layer_errors
 from s3prl_ekd.errors import CheckpointError, ConfigError
 from s3prl_ekd.io.audio import SAMPLE_RATE
-from s3prl_ekd.patches import keep_pos_conv_fp32
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_FRAME_MISMATCH = 2  # teachers may disagree by a frame or two at the edges (s3prl issue 331)
@@ -67,14 +66,11 @@ class TeacherEnsemble(nn.Module):
     fill in default layers, and check layer indices, frame rates and dimensions.
     """
 
-    def __init__(self, configs: Sequence[TeacherConfig], teacher_dtype: str = "float32", fp32_pos_conv: bool = False):
+    def __init__(self, configs: Sequence[TeacherConfig], teacher_dtype: str = "float32"):
         super().__init__()
         self.configs = list(configs)
         self.names = [f"{c.name}#{i}" for i, c in enumerate(self.configs)]
         self.upstreams = nn.ModuleList(freeze(load_upstream(c)) for c in self.configs)
-        if fp32_pos_conv:
-            for upstream in self.upstreams:
-                keep_pos_conv_fp32(upstream)
         self.teacher_dtype = teacher_dtype
         self.dims: list[int] = []
         self.depths: list[int] = []

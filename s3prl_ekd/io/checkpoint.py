@@ -31,6 +31,7 @@ STEP_KEY = "Step"                  # completed optimizer updates
 INIT_KEY = "Init"                  # {source: model config's init teacher, fingerprint: sha256 of the initial backbone}
 TARGET_NORM_KEY = "Target_Norm"    # per teacher: LayerStats.to_dict() of the statistics targets were standardised by
 LOSS_WEIGHTS_KEY = "Loss_Weights"  # uncertainty weighting: the learned per-head-set log-variances
+TEACHER_FINGERPRINTS_KEY = "Teacher_Fingerprints"  # per teacher: sha256 of its checkpoint file, or "hub:<name>"
 
 # model.pt: {format: MODEL_FORMAT, student: student_state dict, aggregation: str,
 #            teachers: [{name, layers, weight, dim (int or None)}], step: int, model_config: dict}

@@ -45,7 +45,10 @@ class UpstreamPretrainExpert(nn.Module):
             print(f"[EKD] - targets from {self.datarc.targets} ({self.stored.store.dtype}); teachers are not run")
         else:
             self.stored = None
-            self.teachers = TeacherEnsemble(self.config.teachers, self.config.teacher_dtype, fp32_pos_conv).to(device)
+            self.teachers = TeacherEnsemble(self.config.teachers, self.config.teacher_dtype).to(device)
+            if fp32_pos_conv:
+                for upstream in self.teachers.upstreams:
+                    keep_pos_conv_fp32(upstream)
             self.teachers.probe(device, self.config.aggregation)
             self.teacher_dims = list(self.teachers.dims)
             self._check_target_dtype(device)
