@@ -36,7 +36,6 @@ COMMANDS = {
 }
 # Commands that run without s3prl installed; every other one first checks the stack (one line if unusable).
 NO_S3PRL = ("env", "corpus", "register")
-PASSTHROUGH = ("pretrain", "downstream")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -84,9 +83,6 @@ def main(argv: list[str] | None = None) -> int:
                 require_stack()
             except ImportError as error:
                 raise UserError(str(error)) from None
-        if command in PASSTHROUGH:  # until their own parsers land: s3prl's scripts parse these
-            module = importlib.import_module(COMMANDS[command][0])
-            return getattr(module, f"run_{command}")(argv[argv.index(command) + 1:])
         args = build_parser(command if command in COMMANDS else None).parse_args(argv)
         from s3prl_ekd.patches import quiet
 

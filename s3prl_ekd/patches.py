@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import os
 import sys
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -81,7 +82,7 @@ def _hub_has_no_plugin_registry() -> bool:
         "s3prl.hub star-imports a fixed list of upstreams and has no plugin registry; run_downstream.py -u, "
         "S3PRLUpstream and ESPnet's S3prlFrontend look upstream names up there",
         "every stack (s3prl 0.4.18, espnet-s3prl 2026.5.14)",
-        "tests/test_upstream.py::test_hub_entries_in_a_fresh_interpreter, tests/test_patches.py::test_broken_plugin",
+        "tests/test_upstream.py::test_hub_entries_found_in_a_fresh_interpreter, tests/test_patches.py::test_broken_plugin",
         reason_holds=_hub_has_no_plugin_registry)
 def add_hub_entries(hub_module) -> None:
     """Set the ekd_distiller entries on `hub_module`. If the plugin cannot load here, each entry is a
@@ -140,7 +141,7 @@ class _ProvidedModule:
 @_patch("missing_modules", "import system: provides s3prl.downstream.ctc.corpus(.libriphone)",
         "s3prl's ctc expert (PR) imports its LibriPhone corpus loader from a folder the wheel does not ship",
         "every stack (s3prl 0.4.18, espnet-s3prl 2026.5.14)",
-        "tests/test_prepare.py (PR through run_downstream.py), tests/test_patches.py::test_missing_module",
+        "tests/test_patches.py::test_missing_module",
         reason_holds=_wheel_lacks_libriphone)
 def missing_module_spec(fullname: str):
     import importlib.machinery
@@ -205,7 +206,7 @@ def _scripts_need_their_folder() -> bool:
         "s3prl's scripts parse sys.argv, import their siblings as top-level modules (pretrain.runner, "
         "optimizers, utility.helper) and list pretrain/ relative to the working directory; the aliases make "
         "the LR schedules they pickle into checkpoints `s3prl.optimizers.*`, loadable wherever s3prl is installed",
-        "every stack", "tests/test_pretrain.py, tests/test_patches.py::test_checkpoint_names_s3prl_optimizers",
+        "every stack", "tests/test_patches.py::test_checkpoint_names_s3prl_optimizers",
         reason_holds=_scripts_need_their_folder)
 @contextlib.contextmanager
 def script_context(script, argv: list[str], cwd, path: list) -> Iterator[None]:
@@ -234,8 +235,13 @@ def script_context(script, argv: list[str], cwd, path: list) -> Iterator[None]:
 
 # -- s3prl's pretrain runner ------------------------------------------------------------------------
 
+def _pretrain_runner_source() -> str:
+    """s3prl's pretrain/runner.py, read (it imports `optimizers` as a top-level module: not importable here)."""
+    return (_s3prl_dir() / "pretrain" / "runner.py").read_text()
+
+
 def _runner_saves_in_place() -> bool:
-    source = _source("s3prl.pretrain.runner", "Runner")
+    source = _pretrain_runner_source()
     return "torch.save(all_states, save_path)" in source and "os.remove(ckpt_pth)" in source
 
 
@@ -252,7 +258,8 @@ class _Proxy:
 @_patch("atomic_runner_checkpoints", "pretrain.runner's module globals `torch` (save) and `os` (remove)",
         "s3prl's pretrain runner removes old checkpoints before writing the next one, with torch.save straight "
         "to its final name: a kill or a full disk loses checkpoints or leaves a truncated one",
-        "every stack", "tests/test_faults.py (kill -9 during writes, full disk)",
+        "every stack", "tests/test_runner.py::test_checkpoints_are_atomic_and_old_ones_go_after_the_new_one, "
+        "tests/test_faults.py::test_kill_at_20_moments_then_resume_finishes_every_step",
         reason_holds=_runner_saves_in_place)
 @contextlib.contextmanager
 def atomic_runner_checkpoints(runner_module, writer: bool = True) -> Iterator[None]:
@@ -287,14 +294,14 @@ def atomic_runner_checkpoints(runner_module, writer: bool = True) -> Iterator[No
 def _runner_logs_constant_lr() -> bool:
     import torch
 
-    return "self.config['optimizer']['lr']" in _source("s3prl.pretrain.runner", "Runner") \
+    return "self.config['optimizer']['lr']" in _pretrain_runner_source() \
         and not hasattr(torch.optim.AdamW, "get_lr")
 
 
 @_patch("scheduled_lr_logging", "pretrain.runner.get_optimizer (wrapped: PyTorch optimizers get a get_lr)",
         "s3prl's pretrain runner logs train-lr from optimizer.get_lr(), which only s3prl's own optimizers have; "
         "for `name: TorchOptim` (runner_fused_adamw.yaml) it logs the config's constant lr",
-        "every stack", "tests/test_runner.py::test_train_lr_is_the_scheduled_rate",
+        "every stack", "tests/test_runner.py::test_torch_optimizers_log_the_scheduled_learning_rate",
         reason_holds=_runner_logs_constant_lr)
 @contextlib.contextmanager
 def scheduled_lr_logging(runner_module) -> Iterator[None]:
@@ -314,7 +321,7 @@ def scheduled_lr_logging(runner_module) -> Iterator[None]:
 
 
 def _runner_has_no_ranks() -> bool:
-    source = _source("s3prl.pretrain.runner")
+    source = _pretrain_runner_source()
     return "get_rank" not in source and "is_leader_process" not in source
 
 
@@ -330,7 +337,8 @@ class _NullWriter:
 
 @_patch("quiet_ranks", "pretrain.runner.SummaryWriter and pretrain.runner.tqdm, on torchrun ranks other than 0",
         "s3prl's pretrain runner has no notion of ranks: every process would write tensorboard logs and "
-        "draw progress bars", "every stack", "tests/test_distributed.py",
+        "draw progress bars", "every stack",
+        "tests/test_distributed.py::test_torchrun_run_is_killed_and_resumed_with_another_number_of_processes",
         reason_holds=_runner_has_no_ranks)
 @contextlib.contextmanager
 def quiet_ranks(runner_module) -> Iterator[None]:
@@ -394,7 +402,8 @@ def soundfile_load(uri, frame_offset: int = 0, num_frames: int = -1, normalize: 
 @_patch("soundfile_audio", "torchaudio.load (read with soundfile instead)",
         "s3prl's downstream datasets read audio with torchaudio.load, which from torchaudio 2.9 on needs "
         "torchcodec and FFmpeg; the files `prepare` writes are wav/flac, which soundfile reads",
-        "torchaudio >= 2.9 without a usable torchcodec (espnet-s3prl stack)", "tests/test_downstream.py",
+        "torchaudio >= 2.9 without a usable torchcodec (espnet-s3prl stack)",
+        "tests/test_downstream.py::test_downstream_environment_reads_audio_with_or_without_torchcodec",
         applies=_needs_soundfile, reason_holds=_s3prl_datasets_call_torchaudio_load)
 @contextlib.contextmanager
 def soundfile_audio() -> Iterator[None]:
@@ -418,7 +427,8 @@ def _voxceleb1_caches_in_package() -> bool:
 @_patch("voxceleb1_cache", "s3prl.downstream.voxceleb1.dataset.CACHE_PATH (a temporary folder per run)",
         "s3prl's SID dataset caches its file lists inside its own package folder and reuses them whatever "
         "the config says: runs on other data would read stale lists, and site-packages may be read-only",
-        "every stack", "tests/test_downstream.py::test_read_only_s3prl",
+        "every stack",
+        "tests/test_downstream.py::test_downstream_environment_reads_audio_with_or_without_torchcodec",
         reason_holds=_voxceleb1_caches_in_package)
 @contextlib.contextmanager
 def voxceleb1_cache() -> Iterator[None]:
@@ -453,7 +463,8 @@ def _hack_nests() -> bool:
 @_patch("isinstance_hack_once", "s3prl.utility.helper.hack_isinstance (wraps builtins.isinstance once per process)",
         "run_downstream.py's main() wraps builtins.isinstance in a Python function every time it runs: runs "
         "in one process (`superb --in-process`) nest the wrappers, and after 8 runs every isinstance costs 8 calls",
-        "every stack", "tests/test_patches.py::test_isinstance_wrapped_once", reason_holds=_hack_nests)
+        "every stack", "tests/test_downstream.py::test_in_process_runs_wrap_isinstance_once",
+        reason_holds=_hack_nests)
 @contextlib.contextmanager
 def isinstance_hack_once() -> Iterator[None]:
     import builtins
@@ -496,7 +507,7 @@ def _ctc_loader_pops_workers() -> bool:
 @_patch("ctc_loader_config_copy", "s3prl.downstream.ctc.expert.load_dataset (called with a copy of the corpus config)",
         "s3prl's ctc expert (PR) pops num_workers out of the shared corpus config when it builds the train "
         "loader, so dev and test loaders fall back to 12 worker processes whatever the recipe says",
-        "every stack", "tests/test_downstream.py::test_ctc_loaders_keep_num_workers",
+        "every stack", "tests/test_downstream.py::test_every_ctc_loader_gets_the_recipes_num_workers",
         reason_holds=_ctc_loader_pops_workers)
 @contextlib.contextmanager
 def ctc_loader_config_copy() -> Iterator[None]:
@@ -517,7 +528,8 @@ def _downstream_has_no_early_stop() -> bool:
 @_patch("downstream_savings", "s3prl.downstream.runner.Runner._get_upstream, .evaluate, ._get_featurizer and "
         "the module's SummaryWriter", "`--memoize-upstream` (a frozen upstream runs once per utterance) and "
         "`--early-stop` (stop when dev stops improving), which s3prl's downstream runner does not offer",
-        "every stack (opt-in flags of `s3prl-ekd downstream`)", "tests/test_downstream.py",
+        "every stack (opt-in flags of `s3prl-ekd downstream`)",
+        "tests/test_downstream.py::test_early_stop_and_memoized_run_through_run_downstream",
         reason_holds=_downstream_has_no_early_stop)
 @contextlib.contextmanager
 def downstream_runner_hooks(get_upstream=None, evaluate=None, get_featurizer=None,
@@ -549,7 +561,7 @@ def downstream_runner_hooks(get_upstream=None, evaluate=None, get_featurizer=Non
         "under half-precision autocast cuDNN runs this grouped kernel-128 convolution several times slower than "
         "in float32 (benchmarks/RESULTS.md, GPU section); parameter names are unchanged",
         "CUDA with teacher_dtype or fp16 in half precision (fp32_pos_conv: true)",
-        "tests/test_bench.py::test_fp32_pos_conv_flag")
+        "tests/test_bench.py::test_bench_fp32_pos_conv_flag_reaches_the_models")
 def keep_pos_conv_fp32(model) -> int:
     """Make every `pos_conv` under `model` run in float32 with autocast off. Returns how many. Not for
     nn.DataParallel, whose replicas would call the original module."""
@@ -586,17 +598,18 @@ class KnownWarning:
 def _known_warnings() -> list[KnownWarning]:
     return [
         KnownWarning(UserWarning, r"torchaudio\._backend\.set_audio_backend has been deprecated",
-                     "s3prl 0.4.18 on torchaudio 2.8 (run_downstream.py, s3prl.dataio)"),
+                     "torchaudio 2.8, called by s3prl 0.4.18 (byol_s, s3prl.dataio) when s3prl.hub is imported"),
         KnownWarning(UserWarning, r"In 2\.9, this function's implementation will be changed",
                      "torchaudio 2.8 (torchaudio.load / info, called by s3prl's datasets)"),
         KnownWarning(FutureWarning, r"`torch\.cuda\.amp\.(GradScaler|autocast)\(args\.\.\.\)` is deprecated",
                      "torch >= 2.4, called by s3prl's runners"),
-        KnownWarning(UserWarning, r"torch\.nn\.utils\.weight_norm is deprecated",
+        KnownWarning(FutureWarning, r"`?torch\.nn\.utils\.weight_norm`? is deprecated",
                      "torch >= 2.1, called by s3prl's HuBERT / WavLM / DistillerModel constructors"),
+        KnownWarning(UserWarning, r"This overload of add_ is deprecated",
+                     "torch >= 1.5, called by s3prl's AdamW_with_schedule (s3prl/optimizers.py)"),
+        KnownWarning(UserWarning, r"This overload of nonzero is deprecated", "torch, called by fairseq-style masking"),
         KnownWarning(FutureWarning, r"You are using `torch\.load` with `weights_only=False`",
                      "torch 2.4-2.5, called by s3prl"),
-        KnownWarning(UserWarning, r"This overload of nonzero is deprecated", "torch, called by fairseq-style masking"),
-        KnownWarning(DeprecationWarning, r"", "any package (Python hides these outside __main__ by default)"),
     ]
 
 
@@ -617,6 +630,7 @@ class _DropKnown:
 @_patch("known_warnings", "warnings filters and logging filters (inside `s3prl-ekd` commands, not with -v)",
         "s3prl, torchaudio and torch warn about deprecations a user of this package cannot act on, and s3prl "
         "logs that ESPnet is missing whenever s3prl.hub is imported", "the versions in KnownWarning.emitted_by",
+        "tests/test_patches.py::test_known_warnings_are_filtered_only_inside, "
         "tests/test_patches.py::test_tiny_pretrain_is_quiet")
 @contextlib.contextmanager
 def known_warnings_filtered() -> Iterator[None]:
@@ -647,10 +661,27 @@ def quiet(verbose: bool = False) -> Iterator[None]:
 
 
 def _runner_draws_bars() -> bool:
-    return "tqdm(" in _source("s3prl.downstream.runner") and "tqdm(" in _source("s3prl.pretrain.runner")
+    return "tqdm(" in _source("s3prl.downstream.runner") and "tqdm(" in _pretrain_runner_source()
 
 
 PROGRESS_EVERY_SECONDS = 30.0
+
+
+class _Lines:
+    """A bar's output stream that drops what tqdm writes around a frame (empty writes, the newline after
+    the last one), since each frame already is a whole line."""
+
+    def __init__(self, stream):
+        self.stream, self.at_line_start = stream, True
+
+    def write(self, text: str):
+        if text in ("", "\r") or (text == "\n" and self.at_line_start):
+            return
+        self.stream.write(text)
+        self.at_line_start = text.endswith("\n")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 @_patch("plain_progress_bars", "tqdm.tqdm.display / its defaults, while stderr is not a terminal",
@@ -673,14 +704,16 @@ def plain_progress_bars(every: float = PROGRESS_EVERY_SECONDS) -> Iterator[None]
         kwargs["dynamic_ncols"] = False
         kwargs.setdefault("ncols", 100)
         saved_init(self, *args, **kwargs)
+        if getattr(self, "fp", None) is not None:
+            self.fp = _Lines(self.fp)
+        self.display = types.MethodType(display, self)  # a bar made here stays plain after the block
 
     def display(self, msg=None, pos=None):
-        if self.disable or getattr(self, "_plain_last", None) == self.n:
+        if getattr(self, "_plain_last", None) == self.n:
             return True
         self._plain_last = self.n
-        file = self.fp if self.fp is not None else sys.stderr
-        file.write((msg if msg is not None else self.__str__()).strip() + "\n")
-        file.flush()
+        self.fp.write((msg if msg is not None else self.__str__()).strip() + "\n")
+        self.fp.flush()
         return True
 
     tqdm.__init__, tqdm.display = __init__, display

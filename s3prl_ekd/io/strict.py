@@ -47,9 +47,26 @@ def _convert(value: Any, tp, where: str):
         return from_dict(tp, value, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp in (int, float) and isinstance(value, str) and _is_number(value):
+        raise ConfigError(f"{where}: {value!r} is text, not a number: YAML 1.1 reads a number without a dot in its "
+                          f"mantissa as text; write {_with_dot(value)}")
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _with_dot(text: str) -> str:
+    """'5e-2' -> '5.0e-2', as YAML 1.1 reads it as a float."""
+    mantissa, sep, exponent = text.lower().partition("e")
+    return (mantissa if "." in mantissa else mantissa + ".0") + sep + exponent
 
 
 def from_dict(cls, data: Any, where: str = "config"):
@@ -72,19 +89,56 @@ def from_dict(cls, data: Any, where: str = "config"):
     return cls(**kwargs)
 
 
+def _strict_loader():
+    """yaml.SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last one silently)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return loader.construct_mapping(node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return StrictLoader
+
+
 def read_yaml_mapping(path: str | Path, what: str) -> dict:
-    """The mapping in YAML file `path` (empty file: {}); `what` names the file in errors."""
+    """The mapping in YAML file `path` (empty file: {}); `what` names the file in errors. A key given
+    twice in one mapping is an error naming both lines."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: {what} not found")
+        raise ConfigError(f"{path}: {what} not found" + ("; it is a folder" if path.is_dir() else ""))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_strict_loader())
+    except yaml.constructor.ConstructorError as error:
+        parent = _parent_key(path, error.problem_mark.line) if error.problem_mark else None
+        raise ConfigError(f"{path}: {parent + ': ' if parent else ''}{error.problem}; keep one") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from error
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys in the {what}, got {type(data).__name__}")
     return data
+
+
+def _parent_key(path: Path, line: int) -> str | None:
+    """The key of the mapping that holds `line` (0-based), found by indentation: for error messages."""
+    lines = path.read_text().splitlines()
+    indent = len(lines[line]) - len(lines[line].lstrip())
+    for previous in reversed(lines[:line]):
+        stripped = previous.lstrip()
+        if stripped and not stripped.startswith("#") and len(previous) - len(stripped) < indent:
+            return stripped.split(":")[0].strip()
+    return None

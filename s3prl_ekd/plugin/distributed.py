@@ -12,14 +12,13 @@ each finds itself here (torchrun's RANK / WORLD_SIZE / LOCAL_RANK) and:
   utterances r, r + N, ... of each, so the effective batch, the learning-rate schedule and
   `total_steps` mean what they mean for one process; resuming (also with another N) continues
   at the exact batch where the checkpoint was taken;
-- leaves checkpoints, tensorboard logs, progress bars and config copies to rank 0.
+- leaves checkpoints, tensorboard logs, progress bars and config copies to rank 0 (plugin/runner.py,
+  with s3prl_ekd.patches.quiet_ranks).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterator
@@ -109,53 +108,3 @@ def loss_scale(frames: torch.Tensor, context: DistContext) -> torch.Tensor:
     total = frames.detach().clone().float()
     torch.distributed.all_reduce(total)
     return context.world_size * frames.float() / total.clamp(min=1)
-
-
-class _NullWriter:
-    """tensorboardX.SummaryWriter for ranks other than 0: logs nothing."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
-@contextlib.contextmanager
-def leader_writes(context: DistContext, runner_module, expdir: str | None) -> Iterator[None]:
-    """Within the block, only rank 0 writes: s3prl's runner gets a null tensorboard writer and silent
-    progress bars on other ranks, and run_pretrain.py's config copies into the experiment folder
-    are written by rank 0 alone, atomically (checkpoints: plugin/runner.make_checkpoints_atomic)."""
-    from tqdm import tqdm
-
-    from s3prl_ekd.io.files import atomic_write
-
-    saved_copy = shutil.copyfile
-    expdir = os.path.abspath(expdir) if expdir else None
-
-    def copyfile(src, dst, *args, **kwargs):
-        inside = expdir and os.path.abspath(dst).startswith(expdir + os.sep)
-        if not inside:
-            return saved_copy(src, dst, *args, **kwargs)
-        if context.leader:
-            atomic_write(dst, lambda tmp: saved_copy(src, tmp))
-        return dst
-
-    class QuietTqdm(tqdm):
-        """Counts as tqdm does (s3prl's loop reads pbar.n) but prints nothing."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "file": open(os.devnull, "w")})
-
-        @staticmethod
-        def write(*args, **kwargs):
-            pass
-
-    shutil.copyfile = copyfile  # run_pretrain.py imports it with `from shutil import copyfile` when it runs
-    if not context.leader:
-        runner_module.SummaryWriter = _NullWriter
-        runner_module.tqdm = QuietTqdm
-    try:
-        yield
-    finally:
-        shutil.copyfile = saved_copy

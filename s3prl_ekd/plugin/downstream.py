@@ -1,5 +1,5 @@
-"""Running s3prl's own run_downstream.py (`s3prl-ekd downstream`), with what it needs here and two
-opt-in savings that leave s3prl's training itself unchanged:
+"""`s3prl-ekd downstream`: s3prl's own run_downstream.py, checked before it starts, with two opt-in
+savings that leave s3prl's training itself unchanged:
 
 - `--memoize-upstream GIB`: the upstream is frozen and un-augmented in SUPERB's protocol, so each
   utterance needs one forward, not one per epoch and per evaluation: its hidden states are kept
@@ -8,6 +8,10 @@ opt-in savings that leave s3prl's training itself unchanged:
   its features do not depend on what it is batched with.
 - `--early-stop N`: stop when N evaluations in a row did not improve the dev metric (the expert's
   own best-checkpoint decision); `early_stop.json` in the experiment folder says when and why.
+
+Before s3prl starts: the device (default: cuda when available), the upstream name, -k / -g files,
+the downstream expert, and -c (default: the recipe s3prl-ekd ships for the task, since s3prl's wheel
+ships no downstream config). While it runs: the patches of s3prl_ekd.patches it needs.
 """
 
 from __future__ import annotations
@@ -17,81 +21,21 @@ import contextlib
 import hashlib
 import json
 import runpy
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from s3prl_ekd.errors import ConfigError
+from s3prl_ekd import patches
+from s3prl_ekd.errors import CheckpointError, ConfigError
+from s3prl_ekd.io import checkpoint
 from s3prl_ekd.io.files import atomic_write_json
-from s3prl_ekd.plugin.runner import installed_s3prl_dir, script_context
+from s3prl_ekd.plugin.runner import _flag, installed_s3prl_dir
 
 EARLY_STOP_NAME = "early_stop.json"
-
-
-def torchcodec_usable() -> bool:
-    try:
-        import torchcodec.decoders  # noqa: F401  (loads FFmpeg's libraries)
-    except Exception:  # not installed, or FFmpeg missing / mismatched: either way unusable
-        return False
-    return True
-
-
-def soundfile_load(uri, frame_offset: int = 0, num_frames: int = -1, normalize: bool = True,
-                   channels_first: bool = True, **_):
-    """torchaudio.load's result, (waveform (C, S) float32, sample rate), read with soundfile."""
-    import soundfile as sf
-
-    stop = None if num_frames < 0 else frame_offset + num_frames
-    data, rate = sf.read(str(uri), start=frame_offset, stop=stop, dtype="float32", always_2d=True)
-    wave = torch.from_numpy(data)
-    return (wave.T.contiguous() if channels_first else wave), rate
-
-
-@contextlib.contextmanager
-def downstream_environment() -> Iterator[None]:
-    """What s3prl's downstream datasets need here, for the duration of the block:
-
-    - on torchaudio >= 2.9 without a usable torchcodec, `torchaudio.load` reads with soundfile
-      (s3prl's datasets only read the wav/flac files `prepare` writes, which soundfile reads);
-    - the voxceleb1 expert caches its file lists in s3prl's own package folder and reuses them
-      whatever the config says: a temporary folder keeps runs apart and site-packages untouched;
-    - the ctc expert (PR) pops `num_workers` out of its corpus config when it builds the train
-      loader, so dev and test loaders fall back to 12 worker processes whatever the recipe says
-      (forked at every dev evaluation); each loader gets a copy of the config instead.
-    """
-    import torchaudio
-    from s3prl.downstream.ctc import expert as ctc_expert
-    from s3prl.downstream.voxceleb1 import dataset as voxceleb1_dataset
-    from s3prl.utility import helper
-
-    version = tuple(int(x) for x in torchaudio.__version__.split("+")[0].split(".")[:2])
-    saved_load, saved_cache, saved_hack = torchaudio.load, voxceleb1_dataset.CACHE_PATH, helper.hack_isinstance
-    saved_ctc_loader = ctc_expert.load_dataset
-    if version >= (2, 9) and not torchcodec_usable():
-        torchaudio.load = soundfile_load
-    helper.hack_isinstance = lambda: _hack_isinstance_once(saved_hack)
-    ctc_expert.load_dataset = lambda split, tokenizer, corpus: saved_ctc_loader(split, tokenizer, dict(corpus))
-    try:
-        with tempfile.TemporaryDirectory(prefix="s3prl-ekd-voxceleb1-cache-") as cache:
-            voxceleb1_dataset.CACHE_PATH = cache + "/"
-            yield
-    finally:
-        torchaudio.load, voxceleb1_dataset.CACHE_PATH, helper.hack_isinstance = saved_load, saved_cache, saved_hack
-        ctc_expert.load_dataset = saved_ctc_loader
-
-
-def _hack_isinstance_once(hack) -> None:
-    """s3prl's main() wraps `builtins.isinstance` in a Python function on every call. Runs in one
-    process (`superb --in-process`) would nest the wrappers, and every isinstance would pay one call
-    per earlier run: after 8 runs s3prl's ASR test took 47 s instead of 4 s. Wrap once per process,
-    as a process of its own would."""
-    import builtins
-
-    if getattr(builtins.isinstance, "__qualname__", "") != "hack_isinstance.<locals>.isinstance":
-        hack()
+# s3prl downstream (-d) -> the s3prl-ekd recipe folder with a SUPERB config for it
+RECIPES = {"ctc": "pr", "asr": "asr", "voxceleb1": "sid", "emotion": "er"}
 
 
 def _digest(wav: torch.Tensor) -> str:
@@ -157,11 +101,9 @@ class EarlyStop(Exception):
 
 @contextlib.contextmanager
 def downstream_savings(memoize_gib: float | None, patience: int | None, expdir_of) -> Iterator[None]:
-    """Patch s3prl's downstream Runner (for this process) with memoisation and early stopping."""
+    """Memoisation and early stopping in s3prl's downstream Runner, for the block."""
     from s3prl.downstream import runner as downstream_runner
 
-    Runner = downstream_runner.Runner
-    saved = (Runner._get_upstream, Runner.evaluate, downstream_runner.SummaryWriter, Runner._get_featurizer)
     writers = []
 
     class TrackedWriter(downstream_runner.SummaryWriter):
@@ -169,8 +111,8 @@ def downstream_savings(memoize_gib: float | None, patience: int | None, expdir_o
             super().__init__(*args, **kwargs)
             writers.append(self)
 
-    def get_upstream(self):
-        entry = saved[0](self)
+    def get_upstream(original, self):
+        entry = original(self)
         if memoize_gib and not entry.trainable:
             identity = json.dumps([self.args.upstream, self.args.upstream_ckpt, self.args.upstream_model_config])
             entry.model = MemoizedUpstream(entry.model, int(memoize_gib * 2**30), identity)
@@ -178,8 +120,8 @@ def downstream_savings(memoize_gib: float | None, patience: int | None, expdir_o
 
     history = {"evaluations": [], "stale": 0, "stop_after": None}
 
-    def evaluate(self, split=None, logger=None, global_step=0):
-        names = saved[1](self, split, logger, global_step)
+    def evaluate(original, self, split=None, logger=None, global_step=0):
+        names = original(self, split, logger, global_step)
         if patience and logger is not None and global_step:  # during training, not `-m evaluate`
             improved = any("best" in name for name in names)
             history["evaluations"].append({"step": global_step, "split": split, "improved": improved})
@@ -192,17 +134,15 @@ def downstream_savings(memoize_gib: float | None, patience: int | None, expdir_o
         if module.training and history["stop_after"] is not None:  # the featurizer trains; in eval it evaluates
             raise EarlyStop(history["stop_after"])
 
-    def get_featurizer(self):
-        entry = saved[3](self)
+    def get_featurizer(original, self):
+        entry = original(self)
         entry.model.register_forward_pre_hook(stop_before_next_step)
         return entry
 
-    downstream_runner.SummaryWriter = TrackedWriter
-    Runner._get_upstream = get_upstream
-    Runner.evaluate = evaluate
-    Runner._get_featurizer = get_featurizer
     try:
-        yield
+        with patches.downstream_runner_hooks(get_upstream=get_upstream, evaluate=evaluate,
+                                             get_featurizer=get_featurizer, summary_writer=TrackedWriter):
+            yield
     except EarlyStop as stop:
         for writer in writers:
             writer.close()  # what the interrupted training loop would have flushed
@@ -211,34 +151,168 @@ def downstream_savings(memoize_gib: float | None, patience: int | None, expdir_o
             "stopped_at_step": int(str(stop)), "best_step": best[-1] if best else None, "patience": patience,
             "evaluations": history["evaluations"]})
         print(f"[s3prl-ekd] early stop at step {stop}: {patience} evaluations without a better dev metric")
-    finally:
-        Runner._get_upstream, Runner.evaluate, downstream_runner.SummaryWriter, Runner._get_featurizer = saved
 
 
-def _split_own_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--memoize-upstream", type=float, metavar="GIB")
-    parser.add_argument("--early-stop", type=int, metavar="N")
-    own, rest = parser.parse_known_args(argv)
-    if own.early_stop is not None and own.early_stop < 1:
-        raise ConfigError(f"--early-stop {own.early_stop}: use a number of evaluations >= 1")
-    if own.memoize_upstream is not None and own.memoize_upstream <= 0:
-        raise ConfigError(f"--memoize-upstream {own.memoize_upstream}: use a positive number of GiB")
-    return own, rest
+# -- the command line --------------------------------------------------------------------------
+
+def add_downstream_arguments(parser: argparse.ArgumentParser) -> None:
+    s3prl = parser.add_argument_group("passed through to s3prl's run_downstream.py")
+    _flag(s3prl, "-m", "mode", choices=["train", "evaluate", "inference"], required=True)
+    _flag(s3prl, "-t", "evaluate_split", default="test", help="split to evaluate (default test)")
+    _flag(s3prl, "-o", "override", metavar="KEY=VALUE,,...", help="override args./config. keys")
+    _flag(s3prl, None, "backend", default="nccl", help="distributed backend")
+    _flag(s3prl, None, "local_rank", type=int, help="set by torch.distributed.launch")
+    _flag(s3prl, "-e", "past_exp", metavar="CKPT_OR_DIR", help="resume (train) or evaluate this checkpoint")
+    _flag(s3prl, "-i", "init_ckpt", metavar="CKPT", help="load parameters only, for evaluation")
+    _flag(s3prl, "-c", "config", metavar="YAML", help="downstream config (default: s3prl-ekd's SUPERB recipe "
+                                                      "for -d ctc/asr/voxceleb1/emotion)")
+    _flag(s3prl, "-d", "downstream", help="downstream expert, e.g. ctc (PR), asr, voxceleb1 (SID), emotion (ER)")
+    _flag(s3prl, "-v", "downstream_variant", help="downstream variant of the expert")
+    _flag(s3prl, None, "hub", default="torch", choices=["torch", "huggingface"], help="where -u comes from")
+    _flag(s3prl, "-u", "upstream", help="upstream name in s3prl.hub, e.g. fbank, hubert_local, ekd_distiller")
+    _flag(s3prl, "-k", "upstream_ckpt", metavar="PATH_OR_URL", help="upstream checkpoint")
+    _flag(s3prl, "-g", "upstream_model_config", metavar="YAML", help="upstream options (ekd_distiller: "
+                                                                      "hidden_states: backbone|heads|backbone+heads)")
+    _flag(s3prl, "-r", "upstream_refresh", action="store_true", help="re-download cached upstream files")
+    _flag(s3prl, "-f", "upstream_trainable", action="store_true", help="fine-tune the upstream")
+    _flag(s3prl, "-s", "upstream_feature_selection", default="hidden_states", help="feature to extract")
+    _flag(s3prl, "-l", "upstream_layer_selection", type=int, help="one layer of -s")
+    _flag(s3prl, None, "upstream_feature_normalize", action="store_true", help="normalise features before the sum")
+    _flag(s3prl, None, "upstream_model_name", default="model.pt", help="model file in a Hugging Face repo")
+    _flag(s3prl, None, "upstream_revision", help="commit of the Hugging Face repo")
+    _flag(s3prl, "-n", "expname", help="experiment name: results in ./result/downstream/NAME")
+    _flag(s3prl, "-p", "expdir", help="experiment folder (instead of -n)")
+    _flag(s3prl, "-a", "auto_resume", action="store_true", help="resume from the experiment folder's checkpoint")
+    _flag(s3prl, None, "push_to_hf_hub", default=False, help="push the experiment folder to the Hugging Face Hub")
+    _flag(s3prl, None, "hf_hub_org", help="Hugging Face organisation for --push-to-hf-hub")
+    _flag(s3prl, None, "seed", type=int, default=1337)
+    _flag(s3prl, None, "device", help="cuda, cuda:N or cpu (default: cuda when available, else cpu)")
+    _flag(s3prl, None, "cache_dir", help="download cache folder")
+    s3prl.add_argument("--verbose", action="store_true", help="s3prl's model information printout")
+    _flag(s3prl, None, "disable_cudnn", action="store_true", help="disable cuDNN")
+    own = parser.add_argument_group("s3prl-ekd's own")
+    own.add_argument("--memoize-upstream", type=float, metavar="GIB",
+                     help="keep up to GIB of the frozen upstream's hidden states, computed once per utterance")
+    own.add_argument("--early-stop", type=int, metavar="N",
+                     help="stop after N evaluations without a better dev metric")
 
 
-def run_downstream(argv: list[str]) -> int:
-    """s3prl's run_downstream.py with `argv` (it runs from any directory), plus our two flags."""
+PASSED = ("mode", "evaluate_split", "override", "backend", "local_rank", "past_exp", "init_ckpt", "config",
+          "downstream", "downstream_variant", "hub", "upstream", "upstream_ckpt", "upstream_model_config",
+          "upstream_refresh", "upstream_trainable", "upstream_feature_selection", "upstream_layer_selection",
+          "upstream_feature_normalize", "upstream_model_name", "upstream_revision", "expname", "expdir",
+          "auto_resume", "push_to_hf_hub", "hf_hub_org", "seed", "device", "cache_dir", "verbose", "disable_cudnn")
+
+
+def parse_downstream_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="s3prl-ekd downstream")
+    add_downstream_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "downstream", help="train / evaluate a downstream task with s3prl's run_downstream.py",
+        description="s3prl's own run_downstream.py, from any directory, checked before it starts.")
+    add_downstream_arguments(p)
+    p.set_defaults(func=run_downstream)
+
+
+def default_config(downstream: str) -> Path:
+    """-c when none is given: s3prl's own config for the task where its install has one, else the SUPERB
+    recipe s3prl-ekd ships (its data paths still need filling in, `s3prl-ekd prepare` writes them)."""
+    from s3prl_ekd.io.resources import recipe_file
+
+    own = installed_s3prl_dir() / "downstream" / downstream / "config.yaml"
+    if own.is_file():
+        return own
+    if downstream in RECIPES:
+        return recipe_file(RECIPES[downstream], "superb.yaml")
+    raise ConfigError(f"-c: none given, and neither the installed s3prl (whose wheel ships no downstream configs) nor "
+                      f"s3prl-ekd has a config for -d {downstream}; pass -c CONFIG")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """What can be checked before s3prl starts; fills in the device and the config."""
+    from s3prl_ekd.devices import resolve_device
+
+    device_given = args.device is not None
+    args.device = resolve_device(args.device)
+    if not device_given:
+        print(f"[s3prl-ekd] device: {args.device} (default: cuda when available; --device to choose)")
+    if args.early_stop is not None and args.early_stop < 1:
+        raise ConfigError(f"--early-stop {args.early_stop}: use a number of evaluations >= 1")
+    if args.memoize_upstream is not None and args.memoize_upstream <= 0:
+        raise ConfigError(f"--memoize-upstream {args.memoize_upstream}: use a positive number of GiB")
+    resuming = args.past_exp is not None or args.auto_resume
+    if args.past_exp is not None and not Path(args.past_exp).exists():
+        raise CheckpointError(f"-e {args.past_exp}: no such checkpoint or folder")
+    for flag, path in (("-k", args.upstream_ckpt), ("-g", args.upstream_model_config), ("-c", args.config),
+                       ("-i", args.init_ckpt)):
+        if path and not str(path).startswith(("http://", "https://")) and not Path(path).is_file():
+            raise ConfigError(f"{flag} {path}: {'is a folder, not a file' if Path(path).is_dir() else 'no such file'}")
+    if resuming:
+        return
+    if args.upstream is None or args.downstream is None:
+        raise ConfigError("a new run needs -u UPSTREAM and -d DOWNSTREAM (or -e CKPT to resume or evaluate)")
+    if not (installed_s3prl_dir() / "downstream" / args.downstream / "expert.py").is_file():
+        experts = sorted(p.name for p in (installed_s3prl_dir() / "downstream").iterdir() if (p / "expert.py").is_file())
+        raise ConfigError(f"-d {args.downstream}: not an s3prl downstream expert; e.g. {', '.join(experts[:12])}")
+    check_upstream_name(args.upstream)
+    if args.config is None:
+        args.config = str(default_config(args.downstream))
+        print(f"[s3prl-ekd] -c not given: {args.config}")
+
+
+def check_upstream_name(name: str) -> None:
+    """`name` is an entry of s3prl.hub (ekd_distiller included), or one line naming the close ones."""
+    import difflib
+
+    import s3prl.hub
+
     from s3prl_ekd import _startup
 
     _startup.install()  # ekd_distiller in s3prl.hub even without the .pth
+    if not callable(getattr(s3prl.hub, name, None)):
+        names = [n for n in dir(s3prl.hub) if not n.startswith("_") and callable(getattr(s3prl.hub, n))]
+        close = difflib.get_close_matches(name, names, n=3)
+        raise ConfigError(f"-u {name}: not an upstream in s3prl.hub" + (f"; did you mean {', '.join(close)}?" if close
+                                                                         else "; e.g. fbank, hubert_local, ekd_distiller"))
 
-    own, argv = _split_own_flags(argv)
-    expdir = argparse.ArgumentParser(add_help=False)
-    expdir.add_argument("-p", "--expdir")
-    known, _ = expdir.parse_known_args(argv)
+
+def s3prl_argv(args: argparse.Namespace) -> list[str]:
+    """run_downstream.py's command line for the checked `args`."""
+    defaults = parse_downstream_args(["-m", "train"])
+    argv = []
+    for name in PASSED:
+        value = getattr(args, name)
+        if value == getattr(defaults, name) and name not in ("mode", "device"):
+            continue
+        flag = "--" + name
+        if isinstance(value, bool):
+            argv += [flag] if value else []
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+@contextlib.contextmanager
+def downstream_environment() -> Iterator[None]:
+    """The patches every run of s3prl's downstream code needs here (s3prl_ekd.patches says why)."""
+    with patches.soundfile_audio(), patches.voxceleb1_cache(), patches.isinstance_hack_once(), \
+            patches.ctc_loader_config_copy():
+        yield
+
+
+def run_downstream(args: argparse.Namespace | list[str]) -> int:
+    """s3prl's run_downstream.py for `args` (parsed, or a command line), plus our two flags."""
+    if isinstance(args, list):
+        args = parse_downstream_args(args)
+    check_args(args)
     script = installed_s3prl_dir() / "run_downstream.py"
-    with downstream_environment(), downstream_savings(own.memoize_upstream, own.early_stop, lambda: known.expdir), \
-            script_context(script, argv, cwd=Path.cwd(), path=[script.parent]):
+    expdir = args.expdir or (f"result/downstream/{args.expname}" if args.expname else None)
+    with downstream_environment(), downstream_savings(args.memoize_upstream, args.early_stop, lambda: expdir), \
+            patches.script_context(script, s3prl_argv(args), cwd=Path.cwd(), path=[script.parent]), \
+            checkpoint.runner_checkpoints_allowed():
         runpy.run_path(str(script), run_name="__main__")
     return 0

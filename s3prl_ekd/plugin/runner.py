@@ -1,19 +1,20 @@
-"""Running s3prl's own run_pretrain.py with the `ekd_distiller` task, without writing into the
-installed s3prl (plugin/downstream.py does the same for run_downstream.py).
+"""`s3prl-ekd pretrain`: s3prl's own run_pretrain.py with the `ekd_distiller` task, checked before it starts.
 
-run_pretrain.py must run with a working directory holding `pretrain/<task>/` (it imports
-top-level `pretrain.*` and lists `pretrain/` for `-u`). Each `s3prl-ekd pretrain` therefore
-runs in a temporary workspace that mirrors s3prl's `pretrain/` folder with links and adds
-`pretrain/ekd_distiller/` (see `pretrain_workspace`). `s3prl-ekd link DIR` writes the same
-task folder into an s3prl checkout, for people who run run_pretrain.py there themselves.
+run_pretrain.py must run with a working directory holding `pretrain/<task>/` (it imports top-level
+`pretrain.*` and lists `pretrain/` for `-u`), so each run happens in a temporary workspace that
+mirrors s3prl's `pretrain/` folder with links and adds `pretrain/ekd_distiller/`; nothing is
+written into the installed s3prl. `s3prl-ekd link DIR` writes the same task folder into an s3prl
+checkout, for people who run run_pretrain.py there themselves.
 
-What this module adds around s3prl's scripts, and nothing else:
+What this adapter adds, before s3prl starts (one line and exit status 2 for each mistake):
 - paths on the command line and in the runner config mean the caller's directory;
-- runner-config mistakes s3prl would only assert on are reported in one line first;
-- checkpoints are written atomically and old ones removed only after the new one is complete;
-- `-a` resumes from the newest readable checkpoint; an experiment folder is locked while a run
-  writes to it, and a new run refuses a folder that holds checkpoints (unless --force);
-- torch >= 2.6 `weights_only` loading of s3prl's checkpoints (Namespace, LR schedules).
+- the model config (-g), runner config (-c), every -o key and the device are checked;
+- a resumed run (-a / -e) refuses a -c, -g or -o that differs from the experiment's, except the
+  keys of SAFE_ON_RESUME with --allow-config-change (recorded in the experiment folder);
+- a new run refuses a folder that holds checkpoints (unless --force); the folder is locked while a
+  run writes into it; -a resumes from the newest readable checkpoint.
+While s3prl runs: the patches of s3prl_ekd.patches it needs (atomic checkpoints, scheduled lr
+logging, quiet ranks under torchrun, checkpoints that name `s3prl.optimizers`).
 """
 
 from __future__ import annotations
@@ -21,20 +22,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import difflib
 import importlib
 import importlib.util
 import io
+import json
 import os
 import runpy
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
+from s3prl_ekd import patches
 from s3prl_ekd.errors import CheckpointError, ConfigError, UserError
 from s3prl_ekd.io import checkpoint
-from s3prl_ekd.io.files import atomic_torch_save, exclusive_lock
+from s3prl_ekd.io.files import atomic_write_text, exclusive_lock
 from s3prl_ekd.io.resources import pretrain_config
 from s3prl_ekd.io.strict import read_yaml_mapping
 
@@ -44,14 +49,17 @@ DEFAULT_RUNNER_CONFIG = "runner.yaml"
 DEFAULT_MODEL_CONFIG = "hubert_robusthubert_wavlm_average.yaml"
 # datarc keys that hold paths: made absolute so they mean the user's directory.
 DATARC_PATH_KEYS = ("audio_dir", "file_path", "libri_root", "targets")
-PRETRAIN_FLAGS = ("-e", "-o", "-c", "-u", "-g", "-n", "-p")
+# Runner-config keys a resumed run may change with --allow-config-change.
+SAFE_ON_RESUME = ("runner.total_steps", "runner.save_step", "runner.log_step", "runner.max_keep")
+CHANGES_NAME = "config_changes.jsonl"  # what --allow-config-change changed, one line per resume
 
 SHIM = '''"""Written by s3prl-ekd: s3prl's pretrain runner imports the EKD pretraining task from here."""
 from s3prl_ekd.plugin.pretrain_expert import UpstreamPretrainExpert  # noqa: F401
-from s3prl_ekd.plugin.runner import log_scheduled_learning_rate, make_checkpoints_atomic
+'''
+# In a linked s3prl checkout the user's own run_pretrain.py process is the only scope there is.
+LINKED_SHIM = SHIM + '''from s3prl_ekd.plugin.runner import patch_linked_run
 
-make_checkpoints_atomic()
-log_scheduled_learning_rate()
+patch_linked_run()
 '''
 
 
@@ -75,15 +83,27 @@ def resolve_s3prl_dir(path: str | os.PathLike | None) -> Path:
                     f"{path / 's3prl'}); pass the s3prl checkout or its s3prl/ folder")
 
 
-def write_task_folder(task_dir: Path) -> Path:
+def write_task_folder(task_dir: Path, linked: bool = False) -> Path:
     """pretrain/ekd_distiller/: the expert shim and run_pretrain.py's default -c / -g configs."""
     task_dir.mkdir(exist_ok=True)
     (task_dir / "__init__.py").write_text("")
-    (task_dir / "pretrain_expert.py").write_text(SHIM)
+    (task_dir / "pretrain_expert.py").write_text(LINKED_SHIM if linked else SHIM)
     for name, source in (("config_runner.yaml", DEFAULT_RUNNER_CONFIG),
                          ("config_model.yaml", DEFAULT_MODEL_CONFIG)):
         shutil.copyfile(pretrain_config(source), task_dir / name)
     return task_dir
+
+
+def patch_linked_run() -> None:
+    """In a user's own run_pretrain.py process (a linked checkout): atomic checkpoints and scheduled-lr
+    logging for the rest of the process, which is that run."""
+    stack = contextlib.ExitStack()
+    module = importlib.import_module("pretrain.runner")
+    if not getattr(module, "_s3prl_ekd_patched", False):
+        stack.enter_context(patches.atomic_runner_checkpoints(module))
+        stack.enter_context(patches.scheduled_lr_logging(module))
+        module._s3prl_ekd_patched = True
+        stack.pop_all()  # never undone: the process ends with the run
 
 
 def link(s3prl_dir: str | os.PathLike | None = None) -> Path:
@@ -93,7 +113,7 @@ def link(s3prl_dir: str | os.PathLike | None = None) -> Path:
         raise UserError(f"{task_dir} exists and was not created by `s3prl-ekd link`; "
                         "move it away first, nothing was changed")
     try:
-        write_task_folder(task_dir)
+        write_task_folder(task_dir, linked=True)
         (task_dir / MARKER).write_text("created by s3prl-ekd link; `s3prl-ekd link --unlink` removes this folder\n")
     except PermissionError as error:
         raise UserError(f"{task_dir.parent}: not writable ({error.strerror}); `s3prl-ekd pretrain` needs no link, "
@@ -127,264 +147,53 @@ def pretrain_workspace(s3prl_dir: Path) -> Iterator[Path]:
         yield workspace
 
 
-# -- crash-safe checkpoints of s3prl's runner -------------------------------------------------
-
-class _Proxy:
-    """Stands in for a module inside s3prl's runner: every name but the overridden ones is the module's."""
-
-    def __init__(self, module, **overrides):
-        self._module, self._overrides = module, overrides
-
-    def __getattr__(self, name):
-        return self._overrides[name] if name in self._overrides else getattr(self._module, name)
+def pretrain_tasks(s3prl_dir: Path | None = None) -> list[str]:
+    """The pretraining tasks `-u` accepts: ekd_distiller and s3prl's own task folders."""
+    s3prl_dir = s3prl_dir or installed_s3prl_dir()
+    own = [p.name for p in (s3prl_dir / "pretrain").iterdir() if (p / "pretrain_expert.py").is_file()]
+    return sorted({TASK_NAME, *own})
 
 
-def pretrain_runner_module():
-    """s3prl's pretrain/runner.py as imported in this process (run_pretrain.py's workspace on sys.path)."""
-    return importlib.import_module("pretrain.runner")
+# -- the command line --------------------------------------------------------------------------
+
+def _flag(parser, short: str | None, name: str, **kwargs) -> None:
+    """An option under its s3prl name (`--past_exp`) that also accepts the hyphen spelling (`--past-exp`)."""
+    names = [short] if short else []
+    hyphen = "--" + name.replace("_", "-")
+    names += [hyphen] + (["--" + name] if "_" in name else [])
+    parser.add_argument(*names, dest=name, **kwargs)
 
 
-def make_checkpoints_atomic(runner_module=None, writer: bool | None = None) -> None:
-    """Make s3prl's pretrain runner write checkpoints atomically, and remove old ones (its
-    `max_keep`) only once the new one is complete, without editing s3prl's file: its module
-    globals `torch` and `os` are replaced by proxies whose `save` / `remove` do that.
-
-    `writer=False` drops saves and removals: by default, ranks other than 0 of a torchrun job.
-    """
-    import torch
-
-    if writer is None:
-        writer = os.environ.get("RANK", "0") == "0"
-    if runner_module is None:
-        runner_module = pretrain_runner_module()
-    if isinstance(runner_module.torch, _Proxy):
-        return
-    pending: list[str] = []
-
-    def save(obj, path, *args, **kwargs):
-        if writer:
-            atomic_torch_save(obj, path)
-            for old in pending:
-                if os.path.abspath(old) != os.path.abspath(path):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(old)
-        pending.clear()
-
-    def remove(path):
-        pending.append(path)  # s3prl removes old checkpoints *before* saving the next one
-
-    runner_module.torch = _Proxy(torch, save=save)
-    runner_module.os = _Proxy(os, remove=remove)
-
-
-def log_scheduled_learning_rate(runner_module=None) -> None:
-    """s3prl's pretrain runner logs `train-lr` from `optimizer.get_lr()`, which only s3prl's own
-    optimizers have; for a PyTorch optimizer (`name: TorchOptim`, e.g. runner_fused_adamw.yaml) it
-    logs the config's constant `lr` although the scheduler changes the rate every step. Such
-    optimizers get a `get_lr` that reads the rate in use (the runner's `get_optimizer` is wrapped)."""
-    if runner_module is None:
-        runner_module = pretrain_runner_module()
-    original = runner_module.get_optimizer
-    if getattr(original, "logs_scheduled_lr", False):
-        return
-
-    def get_optimizer(*args, **kwargs):
-        optimizer = original(*args, **kwargs)
-        if not hasattr(optimizer, "get_lr"):
-            optimizer.get_lr = lambda: [group["lr"] for group in optimizer.param_groups]
-        return optimizer
-
-    get_optimizer.logs_scheduled_lr = True
-    runner_module.get_optimizer = get_optimizer
-
-
-# -- command line of run_pretrain.py ----------------------------------------------------------
-
-def _parse_known(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(add_help=False)
-    for flag in PRETRAIN_FLAGS:
-        parser.add_argument(flag)
-    parser.add_argument("-a", "--auto_resume", action="store_true")
-    return parser.parse_known_args(argv)
-
-
-def _absolute_override(option: str, user_cwd: Path) -> str:
-    key, sep, value = option.partition("=")
-    if sep and key.strip().split(".")[-1] in DATARC_PATH_KEYS and not os.path.isabs(value.strip()):
-        return f"{key.strip()}={(user_cwd / value.strip().strip(chr(39) + chr(34))).resolve()}"
-    return option
-
-
-def _datarc_path_overrides(runner_config: dict, user_cwd: Path, overrides: list[str]) -> list[str]:
-    """Overrides that make the runner config's relative datarc paths absolute."""
-    datarc = (runner_config.get("pretrain_expert") or {}).get("datarc") or {}
-    already = {o.partition("=")[0].strip().split(".")[-1] for o in overrides}
-    out = []
-    for key in DATARC_PATH_KEYS:
-        value = datarc.get(key)
-        if isinstance(value, str) and key not in already and not os.path.isabs(value):
-            out.append(f"config.pretrain_expert.datarc.{key}={(user_cwd / value).resolve()}")
-    return out
-
-
-def absolute_pretrain_argv(argv: list[str], user_cwd: Path) -> list[str]:
-    """run_pretrain.py arguments with paths made absolute against `user_cwd`, -a resolved to -e."""
-    known, rest = _parse_known(argv)
-
-    def absolute(path):
-        return str((user_cwd / path).resolve()) if path is not None else None
-
-    overrides = [known.o] if known.o and known.o.lower() != "none" else []
-    overrides = [_absolute_override(o, user_cwd) for o in ",,".join(overrides).split(",,") if o]
-    if known.c is not None and known.e is None:
-        overrides = _datarc_path_overrides(read_yaml_mapping(user_cwd / known.c, "runner config (-c)"),
-                                           user_cwd, overrides) + overrides
-    if known.p is None and known.n is not None:
-        known.p = f"result/pretrain/{known.n}"  # s3prl's default, but under the user's directory
-    known.p = absolute(known.p)
-    if known.auto_resume and known.e is None and known.p is not None:
-        known.e = newest_readable_checkpoint(Path(known.p))  # None: nothing to resume, a new run
-    elif known.e is not None:
-        known.e = checked_resume_path(absolute(known.e))
-    out = list(rest)
-    for flag, value in (("-e", known.e), ("-c", absolute(known.c)), ("-u", known.u),
-                        ("-g", absolute(known.g)), ("-n", known.n), ("-p", known.p)):
-        if value is not None:
-            out += [flag, value]
-    if overrides:
-        out += ["-o", ",,".join(overrides)]
-    return out
-
-
-def newest_readable_checkpoint(expdir: Path) -> str | None:
-    """-a: the newest checkpoint that loads, with one warning line per unreadable newer one."""
-    found = checkpoint.newest_checkpoint(
-        expdir, warn=lambda line: print(f"[s3prl-ekd] warning: {line}", file=sys.stderr))
-    return str(found) if found else None
-
-
-def checked_resume_path(path: str) -> str:
-    """`-e PATH`: a readable checkpoint file, or the newest readable one in a folder."""
-    if os.path.isdir(path):
-        found = newest_readable_checkpoint(Path(path))
-        if found is None:
-            raise CheckpointError(f"{path}: no states-*.ckpt to resume from")
-        return found
-    problem = checkpoint.readable(path)
-    if problem is not None:
-        raise CheckpointError(f"-e {path}: {problem}")
-    return path
-
-
-def check_runner_config(argv: list[str]) -> None:
-    """One-line errors for what s3prl's runner would only assert on, before it starts."""
-    known, _ = _parse_known(argv)
-    if known.e is not None or known.c is None:
-        return  # a resumed run keeps the config it started with; -c defaults to ours
-    config = copy.deepcopy(read_yaml_mapping(known.c, "runner config (-c)"))
-    if known.o and known.o.lower() != "none":
-        from s3prl.utility.helper import override
-
-        with contextlib.redirect_stderr(io.StringIO()):  # s3prl prints each override; it will again
-            override(known.o, argparse.Namespace(), config)
-    runner = config.get("runner") or {}
-    where = f"{known.c}: runner"
-    for key in ("total_steps", "log_step", "save_step", "max_keep", "gradient_accumulate_steps"):
-        value = runner.get(key)
-        if key == "total_steps" and (runner.get("n_epochs") or 0) > 0:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{where}.{key}: {value!r}; use a positive integer")
-    if (runner.get("n_epochs") or 0) <= 0:
-        for key in ("save_step", "log_step"):
-            if runner["total_steps"] <= runner[key]:
-                raise ConfigError(f"{where}.{key}: {runner[key]} is not below total_steps={runner['total_steps']} "
-                                  f"(s3prl's runner requires total_steps > {key}); lower {key} or raise total_steps")
-    from s3prl_ekd.plugin.pretrain_data import check_data_source, load_datarc
-
-    datarc = (config.get("pretrain_expert") or {}).get("datarc")
-    if not isinstance(datarc, dict):
-        raise ConfigError(f"{known.c}: pretrain_expert.datarc is missing; see pretrain_configs/runner.yaml")
-    check_data_source(load_datarc(datarc))
-
-
-def refuse_overwrite(argv: list[str]) -> None:
-    """A new run must not replace the checkpoints of an existing experiment."""
-    known, _ = _parse_known(argv)
-    if known.e is None and known.p is not None:
-        existing = sorted(Path(known.p).glob("states-*.ckpt"))
-        if existing:
-            raise UserError(f"{known.p} already holds {existing[-1].name}: resume with -a (or -e CKPT), "
-                            "pick another -n, or pass --force to start over in that folder")
-
-
-def experiment_dir(argv: list[str]) -> Path | None:
-    known, _ = _parse_known(argv)
-    if known.e is not None:
-        return Path(known.e).parent
-    return Path(known.p) if known.p is not None else None
-
-
-@contextlib.contextmanager
-def script_context(script: Path, argv: list[str], cwd: Path, path: list[Path]):
-    """sys.argv, sys.path and the working directory for running one of s3prl's scripts with runpy."""
-    old_argv, old_cwd, old_path = sys.argv, os.getcwd(), list(sys.path)
-    sys.argv = [str(script), *argv]
-    sys.path[:0] = [str(p) for p in path]  # the scripts import their siblings top-level
-    os.chdir(cwd)
-    try:
-        with checkpoint.runner_checkpoints_allowed():
-            yield
-    finally:
-        sys.argv, sys.path[:] = old_argv, old_path
-        os.chdir(old_cwd)
-
-
-def _device(argv: list[str]) -> str:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--device", default="cuda")  # run_pretrain.py's default
-    return parser.parse_known_args(argv)[0].device
-
-
-def run_pretrain(argv: list[str]) -> int:
-    """s3prl's run_pretrain.py with `argv`, paths relative to the caller's directory; under torchrun,
-    one process of a DistributedDataParallel run (plugin/distributed.py).
-
-    Extra flag: --force lets a new run write into an experiment folder that has checkpoints.
-    """
-    from s3prl_ekd.plugin import distributed
-
-    force = "--force" in argv
-    argv = absolute_pretrain_argv([a for a in argv if a != "--force"], Path.cwd())
-    context = distributed.from_env()
-    leader = context is None or context.leader
-    if leader and not force:
-        refuse_overwrite(argv)
-    check_runner_config(argv)
-    s3prl_dir = installed_s3prl_dir()
-    script = s3prl_dir / "run_pretrain.py"
-    expdir = experiment_dir(argv)
-    lock = exclusive_lock(expdir, "pretraining run") if expdir and leader else contextlib.nullcontext()
-    with lock, pretrain_workspace(s3prl_dir) as workspace, \
-            script_context(script, argv, cwd=workspace, path=[workspace, s3prl_dir]):
-        if expdir and leader:
-            for partial in expdir.glob(".states-*.ckpt.tmp-*"):  # a save cut short by a kill
-                partial.unlink()
-        if context is None:
-            runpy.run_path(str(script), run_name="__main__")
-            return 0
-        distributed.init(context, _device(argv))
-        try:
-            runner_module = pretrain_runner_module()
-            with distributed.leader_writes(context, runner_module, str(expdir) if expdir else None):
-                runpy.run_path(str(script), run_name="__main__")
-        finally:
-            distributed.leave()
-    return 0
-
+def add_pretrain_arguments(parser: argparse.ArgumentParser, tasks: list[str]) -> None:
+    s3prl = parser.add_argument_group("passed through to s3prl's run_pretrain.py")
+    _flag(s3prl, "-u", "upstream", choices=tasks, default=TASK_NAME, help=f"pretraining task (default {TASK_NAME})")
+    _flag(s3prl, "-g", "upstream_config", metavar="YAML", help="model config (default: the task's config_model.yaml)")
+    _flag(s3prl, "-c", "config", metavar="YAML", help="runner config (default: the task's config_runner.yaml)")
+    _flag(s3prl, "-n", "expname", help="experiment name: results in ./result/pretrain/NAME")
+    _flag(s3prl, "-p", "expdir", help="experiment folder (instead of -n)")
+    _flag(s3prl, "-e", "past_exp", metavar="CKPT_OR_DIR", help="resume from this checkpoint (or a folder's newest)")
+    _flag(s3prl, "-a", "auto_resume", action="store_true", help="resume from the experiment folder's newest "
+                                                                 "readable checkpoint, if any")
+    _flag(s3prl, "-o", "override", metavar="KEY=VALUE,,...",
+          help="override config keys, e.g. config.runner.total_steps=100 (checked against the config)")
+    _flag(s3prl, None, "seed", type=int, default=1337, help="random seed (default 1337)")
+    _flag(s3prl, None, "device", help="cuda, cuda:N or cpu (default: cuda when available, else cpu)")
+    _flag(s3prl, None, "multi_gpu", action="store_true", help="s3prl's DataParallel (prefer torchrun)")
+    own = parser.add_argument_group("s3prl-ekd's own")
+    own.add_argument("--force", action="store_true", help="start a new run in a folder that holds checkpoints")
+    own.add_argument("--allow-config-change", action="store_true",
+                     help="on resume, let -c/-o change " + ", ".join(SAFE_ON_RESUME) + " (recorded in the folder)")
 
 
 def register_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pretrain", help="distil a student with s3prl's run_pretrain.py (-u ekd_distiller)",
+        description="Distil a student through s3prl's own pretraining runner. Relative paths mean the current "
+                    "directory; everything is checked before s3prl starts. Under torchrun, one process of a "
+                    "DistributedDataParallel run.")
+    add_pretrain_arguments(p, pretrain_tasks())
+    p.set_defaults(func=lambda args: run_pretrain(args))
+
     p = subparsers.add_parser("link", help="make `run_pretrain.py -u ekd_distiller` work in an s3prl checkout")
     p.add_argument("s3prl_dir", nargs="?", help="s3prl checkout or package folder (default: the installed s3prl)")
     p.add_argument("--unlink", action="store_true", help="remove what link created")
@@ -398,3 +207,335 @@ def register_cli(subparsers) -> None:
         return 0
 
     p.set_defaults(func=_link)
+
+
+# -- checks before s3prl starts ------------------------------------------------------------------
+
+def split_overrides(text: str | None) -> list[tuple[str, str]]:
+    """-o 'a.b=1,,c=2' -> [('a.b', '1'), ('c', '2')], as s3prl splits it."""
+    if not text or text.lower() == "none":
+        return []
+    pairs = []
+    for option in text.split(",,"):
+        if not option.strip():
+            continue
+        key, sep, value = option.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"-o {option.strip()!r}: write KEY=VALUE, e.g. config.runner.total_steps=100 "
+                              "(several separated by ,,)")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def join_overrides(pairs: list[tuple[str, str]]) -> str:
+    return ",,".join(f"{k}={v}" for k, v in pairs)
+
+
+def apply_overrides(config: dict, pairs: list[tuple[str, str]]) -> dict:
+    """`config` with s3prl's own override() applied (values as s3prl reads them); `args.*` keys skipped."""
+    from s3prl.utility.helper import override
+
+    config = copy.deepcopy(config)
+    wanted = [(k, v) for k, v in pairs if k.startswith("config.")]
+    if wanted:
+        with contextlib.redirect_stderr(io.StringIO()):  # s3prl prints each override; it will again
+            override(join_overrides(wanted), argparse.Namespace(), config)
+    return config
+
+
+def _nearest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(sorted(valid)[:12])}"
+
+
+def check_override_keys(pairs: list[tuple[str, str]], config: dict, arg_names: list[str]) -> None:
+    """Every -o key names something that exists: an argument (args.NAME), a key of the runner config,
+    or a datarc option (any field of pretrain_expert.datarc, set in the file or not)."""
+    from s3prl_ekd.plugin.pretrain_data import DataConfig
+
+    datarc_fields = list(DataConfig.__dataclass_fields__)
+    for key, _ in pairs:
+        first, *path = key.split(".")
+        if first == "args":
+            if len(path) != 1 or path[0] not in arg_names:
+                raise ConfigError(f"-o {key}: unknown argument; {_nearest('.'.join(path), arg_names)}")
+            continue
+        if first != "config" or not path:
+            raise ConfigError(f"-o {key}: a key starts with config. or args., e.g. config.runner.total_steps")
+        node, walked = config, []
+        for i, part in enumerate(path):
+            if walked == ["pretrain_expert", "datarc"]:
+                if part not in datarc_fields or i != len(path) - 1:
+                    raise ConfigError(f"-o {key}: unknown key; {_nearest(part, datarc_fields)}")
+                break
+            if not isinstance(node, dict) or part not in node:
+                valid = list(node) if isinstance(node, dict) else []
+                where = "config." + ".".join(walked) if walked else "the runner config"
+                raise ConfigError(f"-o {key}: {where} has no key {part!r}; {_nearest(part, valid)}")
+            node, walked = node[part], walked + [part]
+
+
+def check_runner_config(config: dict, where: str) -> None:
+    """One-line errors for what s3prl's runner would only assert on, or fail on mid-run."""
+    runner = config.get("runner") or {}
+    for key in ("total_steps", "log_step", "save_step", "max_keep", "gradient_accumulate_steps"):
+        value = runner.get(key)
+        if key == "total_steps" and (runner.get("n_epochs") or 0) > 0:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{where}: runner.{key}: {value!r}; use a positive integer")
+    if (runner.get("n_epochs") or 0) <= 0:
+        for key in ("save_step", "log_step"):
+            if runner["total_steps"] <= runner[key]:
+                raise ConfigError(f"{where}: runner.{key}: {runner[key]} is not below total_steps="
+                                  f"{runner['total_steps']} (s3prl's runner requires total_steps > {key}); lower "
+                                  f"{key} or raise total_steps")
+    check_optimizer(config.get("optimizer"), where)
+    from s3prl_ekd.plugin.pretrain_data import check_data_source, load_datarc
+
+    datarc = (config.get("pretrain_expert") or {}).get("datarc")
+    if not isinstance(datarc, dict):
+        raise ConfigError(f"{where}: pretrain_expert.datarc is missing; see pretrain_configs/runner.yaml")
+    check_data_source(load_datarc(datarc))
+
+
+def check_optimizer(optimizer, where: str) -> None:
+    """The runner config's optimizer: a name s3prl knows and numbers that are numbers."""
+    import s3prl.optimizers
+
+    if not isinstance(optimizer, dict) or "name" not in optimizer:
+        raise ConfigError(f"{where}: optimizer: missing or without a name; see pretrain_configs/runner.yaml")
+    names = sorted(n[len("get_"):] for n in dir(s3prl.optimizers)
+                   if n.startswith("get_") and n not in ("get_optimizer", "get_grouped_parameters"))
+    if optimizer["name"] not in names:  # s3prl calls get_<name>
+        raise ConfigError(f"{where}: optimizer.name: {optimizer['name']!r} is not an s3prl optimizer; use one of "
+                          f"{', '.join(names)}")
+    for key in ("lr", "warmup_proportion", "eps", "weight_decay"):
+        value = optimizer.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            hint = (f"; YAML 1.1 reads {value} as text: write it with a dot, e.g. "
+                    f"{value.lower().replace('e', '.0e', 1)}" if "e" in value.lower() else "")
+            raise ConfigError(f"{where}: optimizer.{key}: {value!r} is text, not a number{hint}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (key == "lr" and value == 0):
+            raise ConfigError(f"{where}: optimizer.{key}: {value!r}; use a "
+                              f"{'positive' if key == 'lr' else 'non-negative'} number")
+
+
+def _flatten(config, prefix: str = "") -> dict[str, object]:
+    if not isinstance(config, dict):
+        return {prefix: config}
+    out = {}
+    for key, value in config.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_differences(old: dict, new: dict) -> dict[str, tuple]:
+    """Dotted key -> (old, new) for every leaf that differs."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    return {key: (flat_old.get(key), flat_new.get(key)) for key in sorted(set(flat_old) | set(flat_new))
+            if flat_old.get(key) != flat_new.get(key)}
+
+
+def _listed(differences: dict[str, tuple]) -> str:
+    shown = [f"{key} ({old!r} -> {new!r})" for key, (old, new) in list(differences.items())[:4]]
+    return ", ".join(shown) + (f" and {len(differences) - 4} more" if len(differences) > 4 else "")
+
+
+def _absolute_datarc_paths(config: dict, user_cwd: Path, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Overrides that make the runner config's relative datarc paths absolute (but those -o sets anyway)."""
+    datarc = (config.get("pretrain_expert") or {}).get("datarc") or {}
+    given = {key for key, _ in pairs}
+    return [(f"config.pretrain_expert.datarc.{key}", str((user_cwd / datarc[key]).resolve()))
+            for key in DATARC_PATH_KEYS if isinstance(datarc.get(key), str) and not os.path.isabs(datarc[key])
+            and f"config.pretrain_expert.datarc.{key}" not in given]
+
+
+def _absolute_override(key: str, value: str, user_cwd: Path) -> tuple[str, str]:
+    if key.split(".")[-1] in DATARC_PATH_KEYS and value.lower() != "none" and not os.path.isabs(value.strip("'\"")):
+        return key, str((user_cwd / value.strip("'\"")).resolve())
+    return key, value
+
+
+def resume_checkpoint(args) -> str | None:
+    """The checkpoint a run resumes from: -e (a file, or a folder's newest readable), or -a's newest
+    readable one in the experiment folder; None for a new run."""
+    if args.past_exp is not None:
+        path = args.past_exp
+        if os.path.isdir(path):
+            found = newest_readable_checkpoint(Path(path))
+            if found is None:
+                raise CheckpointError(f"-e {path}: no states-*.ckpt to resume from")
+            return found
+        problem = checkpoint.readable(path)
+        if problem is not None:
+            raise CheckpointError(f"-e {path}: {problem}")
+        return path
+    if args.auto_resume and args.expdir is not None:
+        return newest_readable_checkpoint(Path(args.expdir))  # None: nothing to resume, a new run
+    return None
+
+
+def newest_readable_checkpoint(expdir: Path) -> str | None:
+    """-a: the newest checkpoint that loads, with one warning line per unreadable newer one."""
+    found = checkpoint.newest_checkpoint(
+        expdir, warn=lambda line: print(f"[s3prl-ekd] warning: {line}", file=sys.stderr))
+    return str(found) if found else None
+
+
+def check_resume(args, resumed: str, user_cwd: Path, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A resumed run's -c, -g and -o against the experiment's own configs. Returns the overrides s3prl
+    needs for the allowed changes (it resumes with the checkpoint's configs and applies -o on top)."""
+    from s3prl_ekd.core.config import load_config
+
+    saved = checkpoint.load_raw(resumed)
+    saved_runner = saved.get("Config") or {}
+    if args.config is not None:
+        new_runner = read_yaml_mapping(args.config, "runner config (-c)")
+        new_runner = apply_overrides(new_runner, _absolute_datarc_paths(new_runner, user_cwd, pairs) + pairs)
+    else:
+        new_runner = apply_overrides(saved_runner, pairs)
+    runner_changes = config_differences(saved_runner, new_runner)
+    if args.upstream_config is not None and checkpoint.MODEL_CONFIG_KEY in saved:
+        new_model = load_config(args.upstream_config).to_dict()
+        model_changes = config_differences(saved[checkpoint.MODEL_CONFIG_KEY], new_model)
+        if model_changes:
+            raise ConfigError(f"-g {args.upstream_config}: differs from the model config of the experiment "
+                              f"being resumed ({resumed}) in {_listed(model_changes)}; s3prl would resume with "
+                              "the saved one: drop -g, or start a new experiment (-n NEW)")
+    unsafe = {k: v for k, v in runner_changes.items() if k not in SAFE_ON_RESUME}
+    if unsafe or (runner_changes and not args.allow_config_change):
+        what = "-c" if args.config is not None else "-o"
+        allowed = "" if unsafe else " or pass --allow-config-change"
+        raise ConfigError(f"{what}: differs from the runner config of the experiment being resumed ({resumed}) in "
+                          f"{_listed(unsafe or runner_changes)}; s3prl would resume with the saved values: drop "
+                          f"the change{allowed}, or start a new experiment (-n NEW) (--allow-config-change "
+                          f"accepts only {', '.join(SAFE_ON_RESUME)})")
+    if runner_changes:
+        expdir = Path(resumed).parent
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumed_from": resumed,
+                  "step": int(saved.get(checkpoint.STEP_KEY, 0)),
+                  "changes": {k: list(v) for k, v in runner_changes.items()}}
+        previous = (expdir / CHANGES_NAME).read_text() if (expdir / CHANGES_NAME).is_file() else ""
+        atomic_write_text(expdir / CHANGES_NAME, previous + json.dumps(record) + "\n")
+        print(f"[s3prl-ekd] resuming with {_listed(runner_changes)} (recorded in {expdir / CHANGES_NAME})")
+    return [(f"config.{key}", repr(new)) for key, (_, new) in runner_changes.items()]
+
+
+def refuse_overwrite(expdir: Path) -> None:
+    """A new run must not replace the checkpoints of an existing experiment."""
+    existing = sorted(expdir.glob("states-*.ckpt"))
+    if existing:
+        raise UserError(f"{expdir} already holds {existing[-1].name}: resume with -a (or -e CKPT), "
+                        "pick another -n, or pass --force to start over in that folder")
+
+
+def prepare_argv(args, user_cwd: Path, leader: bool = True) -> tuple[list[str], Path]:
+    """Check everything that can be checked before s3prl starts; -> (run_pretrain.py's argv, experiment
+    folder). Paths become absolute against `user_cwd`; -a becomes -e CKPT (or a new run)."""
+    from s3prl_ekd.devices import resolve_device
+
+    def absolute(path):
+        return str((user_cwd / path).resolve()) if path is not None else None
+
+    args.config, args.upstream_config = absolute(args.config), absolute(args.upstream_config)
+    for flag, path, what in (("-c", args.config, "runner config"), ("-g", args.upstream_config, "model config")):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{flag} {path}: {'is a folder, not a' if Path(path).is_dir() else 'no such'} "
+                              f"{what} file; pass a YAML file (`s3prl-ekd configs` lists the shipped ones)")
+    if args.expdir is None and args.expname is None and args.past_exp is None:
+        raise ConfigError("name the experiment with -n NAME (or -p FOLDER), or resume one with -e CKPT")
+    if args.expdir is None and args.expname is not None:
+        args.expdir = f"result/pretrain/{args.expname}"  # s3prl's default, but under the user's directory
+    args.expdir, args.past_exp = absolute(args.expdir), absolute(args.past_exp)
+    device_given = args.device is not None
+    args.device = resolve_device(args.device)
+    if not device_given and leader:
+        print(f"[s3prl-ekd] device: {args.device} (default: cuda when available; --device to choose)")
+    pairs = [_absolute_override(k, v, user_cwd) for k, v in split_overrides(args.override)]
+    resumed = resume_checkpoint(args)
+    arg_names = sorted(k for k in vars(args) if k not in ("func", "command", "verbose", "force", "allow_config_change"))
+    if resumed is None:
+        runner_path = args.config or str(pretrain_config(DEFAULT_RUNNER_CONFIG))
+        runner_config = read_yaml_mapping(runner_path, "runner config (-c)")
+        check_override_keys(pairs, runner_config, arg_names)
+        pairs = _absolute_datarc_paths(runner_config, user_cwd, pairs) + pairs
+        check_runner_config(apply_overrides(runner_config, pairs), runner_path)
+        if args.upstream_config is not None and args.upstream == TASK_NAME:
+            from s3prl_ekd.core.config import load_config
+
+            load_config(args.upstream_config)  # the model config's mistakes, before s3prl starts
+        expdir = Path(args.expdir)
+    else:
+        check_override_keys(pairs, checkpoint.load_raw(resumed).get("Config") or {}, arg_names)
+        pairs = pairs + check_resume(args, resumed, user_cwd, pairs)
+        expdir = Path(resumed).parent
+    argv = ["-u", args.upstream, "--seed", str(args.seed), "--device", args.device]
+    for flag, value in (("-e", resumed), ("-c", args.config), ("-g", args.upstream_config),
+                        ("-n", args.expname), ("-p", args.expdir)):
+        if value is not None:
+            argv += [flag, value]
+    if args.multi_gpu:
+        argv.append("--multi_gpu")
+    if pairs:
+        argv += ["-o", join_overrides(pairs)]
+    if resumed is None and not args.force and leader:
+        refuse_overwrite(expdir)
+    return argv, expdir
+
+
+def _with_expdir(argv: list[str], expdir: str) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item == "-p":
+            skip = True
+            continue
+        out.append(item)
+    return out + ["-p", expdir]
+
+
+def run_pretrain(args) -> int:
+    """s3prl's run_pretrain.py for the parsed `args` (see register_cli); under torchrun, one process of a
+    DistributedDataParallel run (plugin/distributed.py)."""
+    from s3prl_ekd.plugin import distributed
+
+    context = distributed.from_env()
+    leader = context is None or context.leader
+    argv, expdir = prepare_argv(args, Path.cwd(), leader)
+    s3prl_dir = installed_s3prl_dir()
+    script = s3prl_dir / "run_pretrain.py"
+    with contextlib.ExitStack() as stack:
+        if leader:
+            stack.enter_context(exclusive_lock(expdir, "pretraining run"))
+            for partial in expdir.glob(".states-*.ckpt.tmp-*"):  # a save cut short by a kill
+                partial.unlink()
+        elif args.past_exp is None and "-e" not in argv:
+            # run_pretrain.py copies -c and -g into the experiment folder of a new run: ranks but 0
+            # point it at a scratch folder (their checkpoints and logs are dropped anyway).
+            argv = _with_expdir(argv, stack.enter_context(tempfile.TemporaryDirectory(prefix="s3prl-ekd-rank-")))
+        workspace = stack.enter_context(pretrain_workspace(s3prl_dir))
+        stack.enter_context(patches.script_context(script, argv, cwd=workspace, path=[workspace, s3prl_dir]))
+        stack.enter_context(checkpoint.runner_checkpoints_allowed())
+        runner_module = importlib.import_module("pretrain.runner")
+        stack.enter_context(patches.atomic_runner_checkpoints(runner_module, writer=leader))
+        stack.enter_context(patches.scheduled_lr_logging(runner_module))
+        if context is not None:
+            distributed.init(context, args.device)
+            stack.callback(distributed.leave)
+            if not leader:
+                stack.enter_context(patches.quiet_ranks(runner_module))
+        stack.callback(_forget_script_modules)
+        runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def _forget_script_modules() -> None:
+    """The top-level modules run_pretrain.py imported from the (now removed) workspace: a later run in this
+    process must import its own."""
+    for name in [n for n in sys.modules if n == "pretrain" or n.startswith("pretrain.")]:
+        del sys.modules[name]
