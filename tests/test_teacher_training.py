@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +15,18 @@ from s3prl_ekd.demo import teacher_training as tt
 from s3prl_ekd.errors import AudioError, ConfigError
 from s3prl_ekd.io.audio import load_audio
 from s3prl_ekd.io.files import file_sha256
+from s3prl_ekd.plugin.teacher_formats import build_hubert, build_wavlm
 
 # A few-second model: 2 layers x 64 dims, 32-channel CNN with the real 320-sample hop.
 TINY = dict(encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128, encoder_attention_heads=2,
             conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2", conv_pos=16, conv_pos_groups=4)
 TRAIN = dict(size=TINY, batch_size=4, crop_seconds=1.0, lr=3e-3, n_clusters=20, progress=False)
 STEPS = 80
+
+
+def _train(kind, files, path, **settings):
+    """train_teacher with TeacherTrainingOptions(**TRAIN, **settings)."""
+    return tt.train_teacher(kind, files, path, tt.TeacherTrainingOptions(**{**TRAIN, **settings}))
 
 
 def _mean(curve, first, last):
@@ -45,15 +52,13 @@ def wav_files(speech_dir):
 def trained(wav_files, tmp_path_factory):
     """Each kind trained for STEPS steps on the 32 fixture utterances: kind -> TeacherTrainingResult."""
     out = tmp_path_factory.mktemp("trained_teachers")
-    return {kind: tt.train_teacher(kind, wav_files, out / f"{kind}.pt", steps=STEPS, seed=0, **TRAIN)
+    return {kind: _train(kind, wav_files, out / f"{kind}.pt", steps=STEPS, seed=0)
             for kind in tt.KINDS}
 
 
 # --- targets -----------------------------------------------------------------------------------
 
 def test_mfcc_frames_line_up_with_the_cnn_frames():
-    from s3prl_ekd.plugin.teacher_formats import build_hubert
-
     model, *_ = build_hubert("tiny", **TINY)
     for samples in (400, 719, 720, 8000, 16001, 32000):
         cnn_frames = model.feature_extractor(torch.zeros(1, samples)).shape[2]
@@ -167,6 +172,7 @@ def test_checkpoint_loads_through_the_s3prl_hub(trained, kind, wav_files):
 
     result = trained[kind]
     hub_name = "wavlm_local" if kind == "wavlm" else "hubert_local"
+    assert tt.TEACHER_TYPES[kind].hub_entry == hub_name
     upstream = getattr(s3prl.hub, hub_name)(ckpt=str(result.ckpt_path)).eval()
     wav = load_audio(wav_files[0])
     with torch.no_grad():
@@ -196,10 +202,9 @@ def test_teachers_differ_in_what_they_learnt(trained, wav_files):
 @pytest.mark.parametrize("kind", ["robust_hubert", "wavlm"])
 def test_same_seed_gives_the_same_checkpoint(kind, wav_files, tmp_path):
     torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
-    args = dict(steps=3, **TRAIN)
-    first = tt.train_teacher(kind, wav_files, tmp_path / "a.pt", seed=5, **args)
-    second = tt.train_teacher(kind, wav_files, tmp_path / "b.pt", seed=5, **args)
-    other = tt.train_teacher(kind, wav_files, tmp_path / "c.pt", seed=6, **args)
+    first = _train(kind, wav_files, tmp_path / "a.pt", steps=3, seed=5)
+    second = _train(kind, wav_files, tmp_path / "b.pt", steps=3, seed=5)
+    other = _train(kind, wav_files, tmp_path / "c.pt", steps=3, seed=6)
     key = "model" if kind == "wavlm" else "model_weight"
     a, b, c = (torch.load(r.ckpt_path, weights_only=True)[key] for r in (first, second, other))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -210,45 +215,180 @@ def test_same_seed_gives_the_same_checkpoint(kind, wav_files, tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(np.random.get_state(), numpy_state))
 
 
+def _replay_inputs(kind, audio, labels, *, seed, batch_size, crop_samples, steps, distort_prob=1.0,
+                   mix_gain_db=tt.WAVLM_MIX_GAIN_DB):
+    """The training loop's inputs, drawn here step by step in the order the loop has always used:
+    from one generator seeded seed + 1, each utterance index (a fresh permutation whenever the last one
+    is used up), then each crop's start frame, then the corruption (robust_hubert: per crop, a coin
+    unless distort_prob is 1, then the distortion; wavlm: per crop, another utterance, a coin, then the
+    mix). Yields (inputs (B, samples), labels (B, frames), corrupted crops)."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    order: list[int] = []
+    for _ in range(steps):
+        indices = []
+        for _ in range(batch_size):
+            if not order:
+                order = torch.randperm(len(audio), generator=generator).tolist()
+            indices.append(order.pop())
+        length = min(crop_samples, *(audio[i].shape[0] for i in indices))
+        frames = tt.num_frames(length)
+        wavs, crops = [], []
+        for i in indices:
+            start = int(torch.randint((audio[i].shape[0] - length) // tt.HOP + 1, (), generator=generator))
+            wavs.append(audio[i][start * tt.HOP:start * tt.HOP + length])
+            crops.append(labels[i][start:start + frames])
+        corrupted = 0
+        if kind == "robust_hubert":
+            for j, wav in enumerate(wavs):
+                if distort_prob == 1.0 or torch.rand((), generator=generator).item() < distort_prob:
+                    wavs[j], corrupted = tt.distort(wav, generator), corrupted + 1
+        elif kind == "wavlm":
+            for j, (i, wav) in enumerate(zip(indices, wavs)):
+                other = int(torch.randint(len(audio), (), generator=generator))
+                if other != i and torch.rand((), generator=generator).item() < tt.WAVLM_MIX_PROB:
+                    wavs[j] = tt.mix_utterances(wav, audio[other], generator, gain_db=mix_gain_db)
+                    corrupted += 1
+        yield torch.stack(wavs), torch.stack(crops), corrupted
+
+
+@pytest.mark.parametrize("kind, settings", [("hubert", {}), ("robust_hubert", {}),
+                                            ("robust_hubert", {"distort_prob": 0.5}),
+                                            ("wavlm", {"mix_gain_db": (-5.0, 5.0)})])
+def test_random_draws_keep_their_order(kind, settings, wav_files, tmp_path, monkeypatch):
+    """Same arguments and seed give the same checkpoint as every earlier version of this code only if
+    the random draws come in the same order. Spied at the loss: the global RNGs are seeded, then the
+    model (and wavlm's head) drawn, and between losses nothing else draws from them; the loss sees
+    exactly the crops and corruptions that `_replay_inputs` draws. (This test passed against the code
+    before the options object and the kind table, unchanged but for the call.)"""
+    seed, steps = 4, 3
+    calls = []
+
+    def spy(loss_name):
+        loss = getattr(tt, loss_name)
+
+        def recorded(model, *args, **kwargs):
+            *modules, wavs, labels = (model, *args)
+            call = {"wavs": wavs.clone(), "labels": labels.clone(), "torch": torch.get_rng_state(),
+                    "numpy": np.random.get_state(),
+                    "weights": [{k: v.clone() for k, v in m.state_dict().items()} for m in modules]}
+            result = loss(model, *args, **kwargs)
+            call.update(torch_after=torch.get_rng_state(), numpy_after=np.random.get_state())
+            calls.append(call)
+            return result
+        return recorded
+
+    monkeypatch.setattr(tt, "hubert_masked_loss", spy("hubert_masked_loss"))
+    monkeypatch.setattr(tt, "wavlm_masked_loss", spy("wavlm_masked_loss"))
+    _train(kind, wav_files, tmp_path / "t.pt", steps=steps, seed=seed, **settings)
+    assert len(calls) == steps
+
+    size = tt.resolve_size(TINY)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if kind == "wavlm":
+            model, _ = build_wavlm("tiny", **size)
+            fresh = [model, torch.nn.Linear(size["encoder_embed_dim"], TRAIN["n_clusters"])]
+        else:
+            fresh = [build_hubert("tiny", num_classes=TRAIN["n_clusters"], **size)[0]]
+        torch_start = torch.get_rng_state()
+    assert torch.equal(calls[0]["torch"], torch_start)
+    assert all(np.array_equal(a, b) for a, b in zip(calls[0]["numpy"], np.random.RandomState(seed).get_state()))
+    assert len(calls[0]["weights"]) == len(fresh)
+    for weights, module in zip(calls[0]["weights"], fresh):
+        assert all(torch.equal(weights[k], v) for k, v in module.state_dict().items())
+    for before, after in zip(calls, calls[1:]):
+        assert torch.equal(after["torch"], before["torch_after"])
+        assert all(np.array_equal(a, b) for a, b in zip(after["numpy"], before["numpy_after"]))
+
+    audio = [load_audio(f) for f in wav_files]
+    targets = tt.cluster_targets(wav_files, audio, n_clusters=TRAIN["n_clusters"], seed=seed)
+    expected = list(_replay_inputs(kind, audio, targets.labels, seed=seed, batch_size=TRAIN["batch_size"],
+                                   crop_samples=int(TRAIN["crop_seconds"] * 16000), steps=steps, **settings))
+    for call, (wavs, labels, _) in zip(calls, expected):
+        assert torch.equal(call["labels"], labels)
+        assert torch.equal(call["wavs"], wavs)
+    corrupted = sum(n for *_, n in expected)
+    crops = steps * TRAIN["batch_size"]
+    # The cases cover no corruption, every crop corrupted, and the coins' both sides.
+    if kind == "hubert":
+        assert corrupted == 0
+    elif kind == "robust_hubert" and not settings:
+        assert corrupted == crops
+    else:
+        assert 0 < corrupted < crops
+
+
 def test_robust_teacher_continues_from_a_trained_hubert(trained, wav_files, tmp_path):
     """init_from starts from the checkpoint's weights: the first step's loss is the trained model's, not a
     random one's; another architecture or a wavlm teacher is refused, naming the file."""
     hubert = trained["hubert"].ckpt_path
-    args = dict(TRAIN, lr=1e-4)
-    continued = tt.train_teacher("robust_hubert", wav_files, tmp_path / "r.pt", steps=2, seed=0, init_from=hubert,
-                                 distort_prob=0.0, **args)
-    scratch = tt.train_teacher("robust_hubert", wav_files, tmp_path / "s.pt", steps=2, seed=0, distort_prob=0.0,
-                               **args)
+    continued = _train("robust_hubert", wav_files, tmp_path / "r.pt", steps=2, seed=0, init_from=hubert,
+                       distort_prob=0.0, lr=1e-4)
+    scratch = _train("robust_hubert", wav_files, tmp_path / "s.pt", steps=2, seed=0, distort_prob=0.0, lr=1e-4)
     assert continued.loss_curve[0][1] < 0.8 * scratch.loss_curve[0][1]
     assert continued.config["init_from"]["sha256"] == file_sha256(hubert)
     with pytest.raises(ConfigError, match=f"init_from {hubert}: its encoder_layers differ"):
-        tt.train_teacher("robust_hubert", wav_files, tmp_path / "x.pt", steps=1, init_from=hubert,
-                         **dict(args, size={**TINY, "encoder_layers": 3}))
+        _train("robust_hubert", wav_files, tmp_path / "x.pt", steps=1, init_from=hubert, lr=1e-4,
+               size={**TINY, "encoder_layers": 3})
     with pytest.raises(ConfigError, match="not a readable wavlm_local checkpoint"):
-        tt.train_teacher("wavlm", wav_files, tmp_path / "x.pt", steps=1, init_from=hubert, **args)
+        _train("wavlm", wav_files, tmp_path / "x.pt", steps=1, init_from=hubert, lr=1e-4)
+    with pytest.raises(ConfigError, match="init_from: .*missing.pt is not a file"):
+        _train("wavlm", wav_files, tmp_path / "x.pt", steps=1, init_from=tmp_path / "missing.pt")
     wavlm = trained["wavlm"].ckpt_path
-    again = tt.train_teacher("wavlm", wav_files, tmp_path / "w.pt", steps=1, seed=0, init_from=wavlm, **args)
+    again = _train("wavlm", wav_files, tmp_path / "w.pt", steps=1, seed=0, init_from=wavlm, lr=1e-4)
     start, after = (torch.load(path, weights_only=True)["model"] for path in (wavlm, again.ckpt_path))
     # One step at lr 1e-4 from the trained weights (AdamW moves each by about lr), not from random ones.
     assert max((after[k].float() - start[k].float()).abs().max().item() for k in start) < 1e-2
-    with pytest.raises(ConfigError, match="distort_prob"):
-        tt.train_teacher("robust_hubert", wav_files, tmp_path / "x.pt", steps=1, distort_prob=1.5, **args)
     assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("steps", 0), ("steps", 2.5), ("seed", "0"), ("batch_size", 0), ("crop_seconds", 0.2), ("lr", 0),
+    ("lr", float("nan")), ("n_clusters", 1), ("unmasked_weight", -1.0), ("distort_prob", 1.5),
+    ("mix_gain_db", (5.0, -5.0)), ("mix_gain_db", (1.0,)), ("progress", "yes"),
+])
+def test_options_name_the_bad_field(field, value):
+    with pytest.raises(ConfigError, match=f"^{field}: ") as error:
+        tt.TeacherTrainingOptions(**{field: value})
+    assert "\n" not in str(error.value)
+
+
+def test_options_are_stored_resolved():
+    options = tt.TeacherTrainingOptions(size={"encoder_layers": 2}, mix_gain_db=[-5, 5], init_from="a.pt")
+    assert options.size == {**tt.DEFAULT_SIZE, "encoder_layers": 2}
+    assert options.mix_gain_db == (-5.0, 5.0) and options.init_from == Path("a.pt")
+    assert tt.TeacherTrainingOptions(**vars(options)) == options  # resolving twice changes nothing
+    with pytest.raises(ConfigError, match="^size: unknown key"):
+        tt.TeacherTrainingOptions(size={"encoder_depth": 2})
+    with pytest.raises(ConfigError, match="^size.conv_feature_layers"):
+        tt.TeacherTrainingOptions(size={"conv_feature_layers": "[(32,10,4)]"})
+
+
+def test_a_new_kind_is_one_table_entry(wav_files, tmp_path, monkeypatch):
+    """A kind made of existing parts (a WavLM trained on distorted input) trains, saves in its model's
+    format and records the options it uses, from one entry in the table."""
+    import s3prl.hub
+
+    monkeypatch.setitem(tt.TEACHER_TYPES, "robust_wavlm",
+                        tt.TeacherType(tt._WavLMModel, tt.distorted_input, ("distort_prob",)))
+    result = _train("robust_wavlm", wav_files[:8], tmp_path / "rw.pt", steps=1, distort_prob=0.5)
+    assert result.config["distort_prob"] == 0.5 and "mix_gain_db" not in result.config
+    assert tt.TEACHER_TYPES["robust_wavlm"].hub_entry == "wavlm_local"
+    upstream = s3prl.hub.wavlm_local(ckpt=str(result.ckpt_path))
+    assert len(upstream.model.encoder.layers) == TINY["encoder_layers"]
 
 
 def test_bad_arguments_name_the_problem(wav_files, tmp_path):
     with pytest.raises(ConfigError, match="kind"):
-        tt.train_teacher("wav2vec2", wav_files, tmp_path / "t.pt", steps=1)
-    with pytest.raises(ConfigError, match="encoder_depth"):
-        tt.train_teacher("hubert", wav_files, tmp_path / "t.pt", steps=1, size={"encoder_depth": 2})
+        _train("wav2vec2", wav_files, tmp_path / "t.pt", steps=1)
     short = tmp_path / "short.wav"
     import soundfile as sf
 
     sf.write(short, np.zeros(1600, dtype=np.float32), 16000)
     with pytest.raises(AudioError, match="short.wav"):
-        tt.train_teacher("hubert", [*wav_files[:3], short], tmp_path / "t.pt", steps=1)
-    with pytest.raises(ConfigError, match="mix_gain_db"):
-        tt.train_teacher("wavlm", wav_files, tmp_path / "t.pt", steps=1, mix_gain_db=(5.0, -5.0))
+        _train("hubert", [*wav_files[:3], short], tmp_path / "t.pt", steps=1)
+    with pytest.raises(AudioError, match="empty"):
+        _train("hubert", [], tmp_path / "t.pt", steps=1)
     assert not (tmp_path / "t.pt").exists()
 
 
@@ -267,3 +407,6 @@ def test_cli_trains_a_teacher(speech_dir, tmp_path, capsys):
     argv[argv.index("--audio-dir") + 1] = str(tmp_path / "missing")
     assert main(argv) == 2
     assert "missing: audio_dir is not a directory" in capsys.readouterr().err
+    argv[argv.index("--audio-dir") + 1], argv[argv.index("--steps") + 1] = str(speech_dir), "0"
+    assert main(argv) == 2
+    assert "error: steps: 0 is not allowed; use an integer >= 1" in capsys.readouterr().err

@@ -9,10 +9,11 @@ utterance-mixing denoising. Checkpoints load with `s3prl.hub.hubert_local` / `wa
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -23,9 +24,6 @@ from s3prl_ekd.errors import AudioError, ConfigError
 from s3prl_ekd.io.audio import SAMPLE_RATE, audio_info, load_audio
 from s3prl_ekd.io.files import atomic_torch_save, atomic_write_json, file_sha256
 from s3prl_ekd.plugin.teacher_formats import build_hubert, build_wavlm, save_hubert_local, save_wavlm_local
-
-TeacherKind = Literal["hubert", "robust_hubert", "wavlm"]
-KINDS: tuple[str, ...] = ("hubert", "robust_hubert", "wavlm")
 
 MIN_SECONDS = 0.5  # shorter utterances leave too few frames for 10-frame mask spans
 
@@ -48,10 +46,10 @@ DEFAULT_CLUSTERS = 50
 DEFAULT_UNMASKED_WEIGHT = 1.0
 FEATURES_PENALTY_WEIGHT = 10.0  # HuBERT's loss_weights: [10] on the CNN output's mean square
 WAVLM_MIX_PROB = 0.5  # fraction of utterances that get a second speaker mixed in
-# The mixed-in speaker's power relative to the primary's, in dB, drawn per mix: the shipped wavlm.pt's
-# range, where the primary speaker is the louder one. WavLM draws from (-5, 5), where loudness alone
-# cannot tell the primary speaker; a wavlm.pt continued 1500 steps with that range led ER but lost ASR
-# against fbank in the demo (2026-11-26), so the shipped teacher keeps this one.
+# The mixed-in speaker's power relative to the primary's, in dB, drawn per mix. In this range the
+# primary speaker is always the louder one; WavLM's own range is (-5, 5), where loudness alone cannot
+# tell the primary speaker. RECIPE's "wavlm_first" run relies on this default, and the demo's
+# retraining key holds only RECIPE's settings, so changing it changes that teacher unnoticed.
 WAVLM_MIX_GAIN_DB = (-10.0, 0.0)
 KMEANS_VERSION = 1  # bump when the MFCC/k-means recipe changes, to invalidate caches
 # The corpus the shipped teachers learnt from: the train split of
@@ -60,14 +58,11 @@ KMEANS_VERSION = 1  # bump when the MFCC/k-means recipe changes, to invalidate c
 # utterances) says sentences 800-1199, so no test sentence was heard by a teacher.
 RECIPE_CORPUS = {"utterances": 1000, "speakers": 12, "seed": 0}
 RECIPE_SEED = 0
-# The shipped teachers' recipe, as named training runs in order: (name, kind, settings); "init" names
-# an earlier run to continue from; the runs named like a teacher kind are the teachers. The robust
-# teacher is not trained from scratch: like RobustHuBERT (HuBERT Base continued on distorted speech),
-# it continues the trained `hubert` on a mix of distorted and clean input; from scratch on distorted
-# input only, it learnt less about clean speech than filterbanks give a BLSTM (demo ASR, 2026-11-26).
-# WavLM is continued too, with a second speaker mixed in at WavLM's own levels (-5..5 dB instead of
-# the first run's -10..0): on the demo's dev split that continuation led speaker and emotion ID,
-# which WavLM Base+ leads in SUPERB and the first run did not (pretrain_configs/teachers/README.md).
+# The shipped teachers' recipe, as named training runs in order: (name, kind, settings), where the
+# settings are TeacherTrainingOptions fields and "init" names an earlier run to continue from. The
+# runs named like a teacher kind are the teachers. robust_hubert continues hubert on half-distorted
+# input, as RobustHuBERT continues HuBERT Base; wavlm continues wavlm_first with the second speaker at
+# WavLM's own levels. Why each choice: pretrain_configs/teachers/README.md.
 RECIPE = (
     ("hubert", "hubert", {"steps": DEFAULT_STEPS}),
     ("wavlm_first", "wavlm", {"steps": DEFAULT_STEPS}),
@@ -319,27 +314,65 @@ def wavlm_masked_loss(model, head: torch.nn.Linear, wavs: torch.Tensor, labels: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Training
+# Options
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class TeacherTrainingResult:
-    kind: str
-    ckpt_path: Path
-    loss_curve_path: Path
-    loss_curve: list[tuple[int, float]]  # (step, training loss), steps 1..steps
-    cross_entropy_curve: list[tuple[int, float]]  # (step, masked-prediction cross-entropy)
-    accuracy_curve: list[tuple[int, float]]  # (step, masked-prediction top-1 accuracy)
-    seconds: float  # whole call, including audio loading and k-means
-    seconds_per_step: float  # wall-clock, training loop only
-    cpu_seconds_per_step: float  # CPU time of this process (all threads), training loop only
-    num_parameters: int  # of the saved model
-    config: dict = field(default_factory=dict)  # the resolved settings, as written to the loss file
+def _require(ok: bool, name: str, value, need: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {value!r} is not allowed; use {need}")
 
 
-def loss_curve_path(ckpt_path: str | Path) -> Path:
-    """Where `train_teacher` writes the loss curve of the checkpoint at `ckpt_path`."""
-    return Path(ckpt_path).with_suffix(".loss.json")
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class TeacherTrainingOptions:
+    """How one teacher is trained. Every field is checked on construction (a ConfigError names it);
+    `size` is stored resolved (DEFAULT_SIZE with its overrides), `mix_gain_db` as a float pair."""
+
+    steps: int = DEFAULT_STEPS
+    seed: int = 0
+    batch_size: int = 8
+    crop_seconds: float = 2.0  # crops of this length, or of the batch's shortest utterance
+    lr: float = DEFAULT_LR  # AdamW's peak learning rate: 10% linear warm-up, then cosine decay
+    n_clusters: int = DEFAULT_CLUSTERS  # k-means clusters of the MFCC targets
+    unmasked_weight: float = DEFAULT_UNMASKED_WEIGHT  # HuBERT's pred_nomask_weight
+    cache_dir: Path | None = None  # where k-means targets are cached; None: the checkpoint's folder
+    # Continue from this checkpoint (the kind's format, same size and, for hubert, clusters).
+    init_from: Path | None = None
+    distort_prob: float = 1.0  # robust_hubert: fraction of the inputs distorted
+    mix_gain_db: tuple[float, float] = WAVLM_MIX_GAIN_DB  # wavlm: (low, high) of the second speaker
+    size: dict | None = None  # overrides of DEFAULT_SIZE
+    progress: bool = True  # a progress bar on stderr
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.steps) and self.steps >= 1, "steps", self.steps, "an integer >= 1")
+        _require(_is_int(self.seed), "seed", self.seed, "an integer")
+        _require(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", self.batch_size,
+                 "an integer >= 1")
+        _require(_is_number(self.crop_seconds) and self.crop_seconds >= MIN_SECONDS, "crop_seconds",
+                 self.crop_seconds, f"a number of seconds >= {MIN_SECONDS}")
+        _require(_is_number(self.lr) and self.lr > 0, "lr", self.lr, "a number > 0")
+        _require(_is_int(self.n_clusters) and self.n_clusters >= 2, "n_clusters", self.n_clusters,
+                 "an integer >= 2")
+        _require(_is_number(self.unmasked_weight) and self.unmasked_weight >= 0, "unmasked_weight",
+                 self.unmasked_weight, "a number >= 0")
+        _require(_is_number(self.distort_prob) and 0 <= self.distort_prob <= 1, "distort_prob",
+                 self.distort_prob, "a probability, 0 <= distort_prob <= 1")
+        gain = tuple(self.mix_gain_db) if isinstance(self.mix_gain_db, (tuple, list)) else ()
+        _require(len(gain) == 2 and all(map(_is_number, gain)) and gain[0] <= gain[1], "mix_gain_db",
+                 self.mix_gain_db, "two numbers (low, high) with low <= high, in dB")
+        _require(isinstance(self.progress, bool), "progress", self.progress, "True or False")
+        object.__setattr__(self, "mix_gain_db", tuple(float(x) for x in gain))
+        object.__setattr__(self, "size", resolve_size(self.size))
+        for name in ("cache_dir", "init_from"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
 
 
 def resolve_size(size: dict | None) -> dict:
@@ -357,21 +390,89 @@ def resolve_size(size: dict | None) -> dict:
     return size
 
 
-def _load_corpus(audio_files: list[Path]) -> list[torch.Tensor]:
-    audio = []
-    for path in audio_files:
-        info = audio_info(path)
-        if info.frames < MIN_SECONDS * SAMPLE_RATE:
-            raise AudioError(f"{path}: {info.frames / SAMPLE_RATE:.2f} s is too short to train a teacher "
-                             f"(minimum {MIN_SECONDS} s); remove it from the file list")
-        audio.append(load_audio(path))
-    return audio
+# ---------------------------------------------------------------------------------------------
+# Teacher kinds: a model in one of s3prl's checkpoint formats, and an input corruption
+# ---------------------------------------------------------------------------------------------
+
+class _TeacherModel:
+    """A teacher being trained in one of s3prl's checkpoint formats: its trainable parameters, its
+    masked-prediction loss and its checkpoint. Constructing one draws its initial weights from
+    torch's global RNG."""
+
+    form: str  # the s3prl hub entry that loads the checkpoint
+    cfg_key: str  # where the checkpoint holds the model config
+    weights_key: str  # where it holds the weights
+    model: torch.nn.Module
+    cfg: dict  # the model config saved with the weights
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.model.parameters())
+
+    def loss(self, wavs: torch.Tensor, labels: torch.Tensor, unmasked_weight: float) -> MaskedPredictionLoss:
+        raise NotImplementedError
+
+    def save(self, path: Path) -> Path:
+        raise NotImplementedError
+
+    def continue_from(self, init_from: Path) -> None:
+        """Copy a checkpoint's weights into the model; another format, architecture or cluster count is
+        a ConfigError naming the file."""
+        try:
+            state = torch.load(init_from, map_location="cpu", weights_only=True)
+            saved_cfg, weights = state[self.cfg_key], state[self.weights_key]
+        except (OSError, KeyError, RuntimeError, TypeError) as error:
+            raise ConfigError(f"init_from {init_from}: not a readable {self.form} checkpoint ({error})") from error
+        differing = sorted(k for k in self.cfg if saved_cfg.get(k) != self.cfg[k])
+        if differing:
+            raise ConfigError(f"init_from {init_from}: its {', '.join(differing)} differ from the teacher being "
+                              "trained; continue from a checkpoint of the same size")
+        try:
+            self.model.load_state_dict(weights)
+        except RuntimeError as error:  # e.g. another number of k-means clusters
+            raise ConfigError(f"init_from {init_from}: weights do not fit ({str(error).splitlines()[0]}); train "
+                              "with the same --clusters as that checkpoint") from error
+
+
+class _HubertModel(_TeacherModel):
+    """s3prl's HubertModel, whose own final_proj and label embeddings predict the clusters."""
+
+    form, cfg_key, weights_key = "hubert_local", "model_cfg", "model_weight"
+
+    def __init__(self, architecture: dict, n_clusters: int):
+        self.model, self.cfg, self.task_cfg, self.symbols = build_hubert("tiny", num_classes=n_clusters,
+                                                                         **architecture)
+
+    def loss(self, wavs, labels, unmasked_weight):
+        return hubert_masked_loss(self.model, wavs, labels, unmasked_weight=unmasked_weight)
+
+    def save(self, path):
+        return save_hubert_local(self.model, self.cfg, self.task_cfg, self.symbols, path)
+
+
+class _WavLMModel(_TeacherModel):
+    """s3prl's WavLM with a linear prediction head. The head is a pretraining module: trained, not
+    saved, so a continued run starts it afresh."""
+
+    form, cfg_key, weights_key = "wavlm_local", "cfg", "model"
+
+    def __init__(self, architecture: dict, n_clusters: int):
+        self.model, self.cfg = build_wavlm("tiny", **architecture)
+        self.head = torch.nn.Linear(architecture["encoder_embed_dim"], n_clusters)
+
+    def parameters(self):
+        return [*self.model.parameters(), *self.head.parameters()]
+
+    def loss(self, wavs, labels, unmasked_weight):
+        return wavlm_masked_loss(self.model, self.head, wavs, labels, unmasked_weight=unmasked_weight)
+
+    def save(self, path):
+        return save_wavlm_local(self.model, self.cfg, path)
 
 
 class _Batches:
     """Random crops of the corpus: each step draws `batch_size` utterances (epoch-wise shuffling),
     crops them to a common length (crop_samples or the shortest one), starting on a 320-sample
-    boundary so that the k-means labels stay aligned."""
+    boundary so that the k-means labels stay aligned. Every draw comes from `generator`."""
 
     def __init__(self, audio, labels, batch_size: int, crop_samples: int, generator: torch.Generator):
         self.audio, self.labels = audio, labels
@@ -400,75 +501,153 @@ class _Batches:
         return indices, torch.stack(wavs), torch.stack(labels)
 
 
-def train_teacher(kind: TeacherKind, audio_files: list[Path], out_path: Path, *, steps: int = DEFAULT_STEPS,
-                  seed: int = 0, size: dict | None = None, batch_size: int = 8, crop_seconds: float = 2.0,
-                  lr: float = DEFAULT_LR, n_clusters: int = DEFAULT_CLUSTERS,
-                  unmasked_weight: float = DEFAULT_UNMASKED_WEIGHT, cache_dir: Path | None = None,
-                  init_from: Path | None = None, distort_prob: float = 1.0,
-                  mix_gain_db: tuple[float, float] = WAVLM_MIX_GAIN_DB,
-                  progress: bool = True) -> TeacherTrainingResult:
-    """Train a `kind` teacher on `audio_files` (16 kHz mono) and save it at `out_path`: from scratch,
-    or continued from the weights of `init_from` (a hubert_local / wavlm_local checkpoint of the same
-    architecture and, for hubert, clusters; wavlm's prediction head is not saved, so it starts afresh).
-    `distort_prob`: fraction of robust_hubert's inputs distorted; `mix_gain_db`: (low, high) dB range
-    of the second speaker's power in wavlm's utterance mixing.
+# An input corruption: (clean crops (B, samples), their utterance indices, the batches, options)
+# -> inputs (B, samples). It draws from the batches' generator, after the crops of its step.
+Corruption = Callable[[torch.Tensor, list[int], _Batches, TeacherTrainingOptions], torch.Tensor]
+
+
+def clean_input(wavs: torch.Tensor, indices: list[int], batches: _Batches,
+                options: TeacherTrainingOptions) -> torch.Tensor:
+    """No corruption: the masked-prediction targets' own audio (HuBERT)."""
+    return wavs
+
+
+def distorted_input(wavs: torch.Tensor, indices: list[int], batches: _Batches,
+                    options: TeacherTrainingOptions) -> torch.Tensor:
+    """Each crop distorted (`distort`) with probability `options.distort_prob` (robust HuBERT).
+
+    At distort_prob 1 no coin is drawn, so such a run's stream holds the distortions alone.
+    """
+    generator = batches.generator
+    return torch.stack([distort(wav, generator) if options.distort_prob == 1.0
+                        or torch.rand((), generator=generator).item() < options.distort_prob else wav
+                        for wav in wavs])
+
+
+def mixed_input(wavs: torch.Tensor, indices: list[int], batches: _Batches,
+                options: TeacherTrainingOptions) -> torch.Tensor:
+    """WavLM's utterance mixing: per crop, another utterance is drawn, then with WAVLM_MIX_PROB (and
+    if it is not the crop's own) a segment of it is mixed in at `options.mix_gain_db`."""
+    mixed = []
+    for i, wav in zip(indices, wavs):
+        other = batches.random_index()
+        if other != i and torch.rand((), generator=batches.generator).item() < WAVLM_MIX_PROB:
+            wav = mix_utterances(wav, batches.audio[other], batches.generator, gain_db=options.mix_gain_db)
+        mixed.append(wav)
+    return torch.stack(mixed)
+
+
+@dataclass(frozen=True)
+class TeacherType:
+    """What sets one kind of teacher apart: its model and checkpoint format, its input corruption, and
+    the options only it uses (recorded in the loss file)."""
+
+    model: type[_TeacherModel]
+    corruption: Corruption
+    settings: tuple[str, ...] = ()
+
+    @property
+    def hub_entry(self) -> str:
+        """The s3prl hub entry that loads this kind's checkpoints."""
+        return self.model.form
+
+
+TEACHER_TYPES: dict[str, TeacherType] = {
+    "hubert": TeacherType(_HubertModel, clean_input),
+    "robust_hubert": TeacherType(_HubertModel, distorted_input, ("distort_prob",)),
+    "wavlm": TeacherType(_WavLMModel, mixed_input, ("mix_gain_db",)),
+}
+KINDS: tuple[str, ...] = tuple(TEACHER_TYPES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TeacherTrainingResult:
+    kind: str
+    ckpt_path: Path
+    loss_curve_path: Path
+    loss_curve: list[tuple[int, float]]  # (step, training loss), steps 1..steps
+    cross_entropy_curve: list[tuple[int, float]]  # (step, masked-prediction cross-entropy)
+    accuracy_curve: list[tuple[int, float]]  # (step, masked-prediction top-1 accuracy)
+    seconds: float  # whole call, including audio loading and k-means
+    seconds_per_step: float  # wall-clock, training loop only
+    cpu_seconds_per_step: float  # CPU time of this process (all threads), training loop only
+    num_parameters: int  # of the saved model
+    config: dict = field(default_factory=dict)  # the resolved settings, as written to the loss file
+
+
+def loss_curve_path(ckpt_path: str | Path) -> Path:
+    """Where `train_teacher` writes the loss curve of the checkpoint at `ckpt_path`."""
+    return Path(ckpt_path).with_suffix(".loss.json")
+
+
+def _load_corpus(audio_files: list[Path]) -> list[torch.Tensor]:
+    audio = []
+    for path in audio_files:
+        info = audio_info(path)
+        if info.frames < MIN_SECONDS * SAMPLE_RATE:
+            raise AudioError(f"{path}: {info.frames / SAMPLE_RATE:.2f} s is too short to train a teacher "
+                             f"(minimum {MIN_SECONDS} s); remove it from the file list")
+        audio.append(load_audio(path))
+    return audio
+
+
+def train_teacher(kind: str, audio_files: list[Path], out_path: Path,
+                  options: TeacherTrainingOptions | None = None) -> TeacherTrainingResult:
+    """Train a `kind` teacher (a key of TEACHER_TYPES) on `audio_files` (16 kHz mono) and save it at
+    `out_path` in its kind's format, from scratch or continued from `options.init_from`.
 
     The loss curve and the resolved settings go to `loss_curve_path(out_path)`. K-means targets are
-    cached in `cache_dir` (default: `out_path`'s folder), so teachers trained on the same files
-    share them. Same arguments and seed give the same checkpoint on CPU. Global RNG states are
-    restored afterwards.
+    cached in `options.cache_dir` (default: `out_path`'s folder), so teachers trained on the same
+    files share them. Same kind, files and options give the same checkpoint on CPU. Global RNG
+    states are restored afterwards.
     """
     started = time.perf_counter()
-    if kind not in KINDS:
+    options = TeacherTrainingOptions() if options is None else options
+    if kind not in TEACHER_TYPES:
         raise ConfigError(f"kind: unknown teacher kind {kind!r}; use one of {list(KINDS)}")
-    mix_gain_db = tuple(float(x) for x in mix_gain_db)
-    if (steps < 1 or batch_size < 1 or crop_seconds < MIN_SECONDS or lr <= 0 or not 0 <= distort_prob <= 1
-            or len(mix_gain_db) != 2 or mix_gain_db[0] > mix_gain_db[1]):
-        raise ConfigError(f"teacher training: need steps >= 1, batch_size >= 1, crop_seconds >= {MIN_SECONDS}, "
-                          f"lr > 0, 0 <= distort_prob <= 1 and mix_gain_db (low, high) with low <= high "
-                          f"(got steps={steps}, batch_size={batch_size}, crop_seconds={crop_seconds}, lr={lr}, "
-                          f"distort_prob={distort_prob}, mix_gain_db={mix_gain_db})")
     audio_files = [Path(f) for f in audio_files]
     if not audio_files:
         raise AudioError("teacher training: the audio file list is empty; pass the corpus' wav files")
+    if options.init_from is not None and not options.init_from.is_file():
+        raise ConfigError(f"init_from: {options.init_from} is not a file; give a checkpoint to continue from")
     out_path = Path(out_path)
-    architecture = resolve_size(size)
-    config = dict(kind=kind, steps=steps, seed=seed, size=architecture, batch_size=batch_size,
-                  crop_seconds=crop_seconds, lr=lr, n_clusters=n_clusters,
-                  unmasked_weight=unmasked_weight, num_files=len(audio_files))
-    if init_from is not None:
-        config["init_from"] = {"file": Path(init_from).name, "sha256": file_sha256(init_from)}
-    if kind == "robust_hubert":
-        config["distort_prob"] = distort_prob
-    if kind == "wavlm":
-        config["mix_gain_db"] = list(mix_gain_db)
+    config = dict(kind=kind, steps=options.steps, seed=options.seed, size=options.size,
+                  batch_size=options.batch_size, crop_seconds=options.crop_seconds, lr=options.lr,
+                  n_clusters=options.n_clusters, unmasked_weight=options.unmasked_weight,
+                  num_files=len(audio_files))
+    if options.init_from is not None:
+        config["init_from"] = {"file": options.init_from.name, "sha256": file_sha256(options.init_from)}
+    for name in TEACHER_TYPES[kind].settings:
+        value = getattr(options, name)
+        config[name] = list(value) if isinstance(value, tuple) else value
 
     audio = _load_corpus(audio_files)
-    targets = cluster_targets(audio_files, audio, n_clusters=n_clusters, seed=seed,
-                              cache_dir=out_path.parent if cache_dir is None else cache_dir)
+    targets = cluster_targets(audio_files, audio, n_clusters=options.n_clusters, seed=options.seed,
+                              cache_dir=out_path.parent if options.cache_dir is None else options.cache_dir)
 
     numpy_state = np.random.get_state()  # s3prl's compute_mask_indices draws from numpy's global RNG
     train_started, cpu_started = time.perf_counter(), time.process_time()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        records, model, save = _train(kind, audio, targets, architecture, steps=steps, batch_size=batch_size,
-                                      crop_samples=int(crop_seconds * SAMPLE_RATE), lr=lr, seed=seed,
-                                      unmasked_weight=unmasked_weight, init_from=init_from,
-                                      distort_prob=distort_prob, mix_gain_db=mix_gain_db, progress=progress)
+        torch.manual_seed(options.seed)
+        np.random.seed(options.seed)
+        records, teacher = _train(kind, audio, targets, options)
     np.random.set_state(numpy_state)
     train_seconds = time.perf_counter() - train_started
     cpu_seconds = time.process_time() - cpu_started
-    save(out_path)
+    teacher.save(out_path)
 
     result = TeacherTrainingResult(
         kind=kind, ckpt_path=out_path, loss_curve_path=loss_curve_path(out_path),
         loss_curve=[(step, r.loss) for step, r in records],
         cross_entropy_curve=[(step, r.cross_entropy) for step, r in records],
         accuracy_curve=[(step, r.accuracy) for step, r in records],
-        seconds=time.perf_counter() - started, seconds_per_step=train_seconds / steps,
-        cpu_seconds_per_step=cpu_seconds / steps,
-        num_parameters=sum(p.numel() for p in model.parameters()), config=config)
+        seconds=time.perf_counter() - started, seconds_per_step=train_seconds / options.steps,
+        cpu_seconds_per_step=cpu_seconds / options.steps,
+        num_parameters=sum(p.numel() for p in teacher.model.parameters()), config=config)
     summary = {**config, "seconds": result.seconds, "seconds_per_step": result.seconds_per_step,
                "cpu_seconds_per_step": result.cpu_seconds_per_step,
                "num_parameters": result.num_parameters, "loss": result.loss_curve,
@@ -477,83 +656,36 @@ def train_teacher(kind: TeacherKind, audio_files: list[Path], out_path: Path, *,
     return result
 
 
-def load_init_weights(model, model_cfg: dict, init_from: str | Path, kind: str) -> None:
-    """Copy a hubert_local (wavlm_local for kind wavlm) checkpoint's weights into `model`; another
-    format, architecture or cluster count is a ConfigError naming the file."""
-    cfg_key, weights_key, form = ("cfg", "model", "wavlm_local") if kind == "wavlm" else \
-        ("model_cfg", "model_weight", "hubert_local")
-    try:
-        state = torch.load(init_from, map_location="cpu", weights_only=True)
-        saved_cfg, weights = state[cfg_key], state[weights_key]
-    except (OSError, KeyError, RuntimeError, TypeError) as error:
-        raise ConfigError(f"init_from {init_from}: not a readable {form} checkpoint ({error})") from error
-    differing = sorted(k for k in model_cfg if saved_cfg.get(k) != model_cfg[k])
-    if differing:
-        raise ConfigError(f"init_from {init_from}: its {', '.join(differing)} differ from the teacher being "
-                          "trained; continue from a checkpoint of the same size")
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as error:  # e.g. another number of k-means clusters
-        raise ConfigError(f"init_from {init_from}: weights do not fit ({str(error).splitlines()[0]}); train "
-                          "with the same --clusters as that checkpoint") from error
-
-
-def _train(kind, audio, targets: ClusterTargets, architecture: dict, *, steps, batch_size, crop_samples,
-           lr, seed, unmasked_weight, progress, init_from=None, distort_prob=1.0, mix_gain_db=WAVLM_MIX_GAIN_DB):
+def _train(kind: str, audio: list[torch.Tensor], targets: ClusterTargets, options: TeacherTrainingOptions):
     """The training loop proper; call with the global RNGs seeded.
 
-    -> ([(step, MaskedPredictionLoss with float loss)], model, save(path) -> path).
+    Draw order: the model's initial weights from torch's global RNG; then, per step, the batch's crops
+    and then its corruption from one generator seeded `seed + 1`; masking and dropout inside the loss
+    from the global RNGs.
+    -> ([(step, MaskedPredictionLoss with float loss)], the trained _TeacherModel).
     """
     from tqdm import tqdm
-
-    if kind == "wavlm":
-        model, cfg = build_wavlm("tiny", **architecture)
-        if init_from is not None:
-            load_init_weights(model, cfg, init_from, kind)
-        # The prediction head is a pretraining module: trained here, not saved.
-        head = torch.nn.Linear(architecture["encoder_embed_dim"], targets.n_clusters)
-        parameters = [*model.parameters(), *head.parameters()]
-        loss_fn = lambda wavs, labels: wavlm_masked_loss(  # noqa: E731
-            model, head, wavs, labels, unmasked_weight=unmasked_weight)
-        save = lambda path: save_wavlm_local(model, cfg, path)  # noqa: E731
-    else:
-        # build_hubert sizes final_proj from the "tiny" base (32 dims): a fine width for the
-        # cosine logits over ~100 clusters.
-        model, model_cfg, task_cfg, symbols = build_hubert("tiny", num_classes=targets.n_clusters,
-                                                           **architecture)
-        if init_from is not None:
-            load_init_weights(model, model_cfg, init_from, kind)
-        parameters = list(model.parameters())
-        loss_fn = lambda wavs, labels: hubert_masked_loss(  # noqa: E731
-            model, wavs, labels, unmasked_weight=unmasked_weight)
-        save = lambda path: save_hubert_local(model, model_cfg, task_cfg, symbols, path)  # noqa: E731
-
     from transformers import get_cosine_schedule_with_warmup
 
-    optimizer = torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=max(1, steps // 10),
-                                               num_training_steps=steps)
-    data_generator = torch.Generator().manual_seed(seed + 1)
-    batches = _Batches(audio, targets.labels, batch_size, crop_samples, data_generator)
+    spec = TEACHER_TYPES[kind]
+    teacher = spec.model(options.size, targets.n_clusters)
+    if options.init_from is not None:
+        teacher.continue_from(options.init_from)
+    parameters = teacher.parameters()
+    optimizer = torch.optim.AdamW(parameters, lr=options.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=max(1, options.steps // 10),
+                                               num_training_steps=options.steps)
+    batches = _Batches(audio, targets.labels, options.batch_size, int(options.crop_seconds * SAMPLE_RATE),
+                       torch.Generator().manual_seed(options.seed + 1))
 
-    model.train()
+    teacher.model.train()
     records: list[tuple[int, MaskedPredictionLoss]] = []
-    bar = tqdm(range(1, steps + 1), desc=f"teacher {kind}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(1, options.steps + 1), desc=f"teacher {kind}", disable=not options.progress,
+               dynamic_ncols=True)
     for step in bar:
         indices, wavs, labels = batches.next()  # wavs (B, samples), labels (B, frames)
-        if kind == "robust_hubert":  # distort_prob 1 draws no coin: the from-scratch stream stays as it was
-            wavs = torch.stack([distort(wav, data_generator) if distort_prob == 1.0
-                                or torch.rand((), generator=data_generator).item() < distort_prob else wav
-                                for wav in wavs])
-        elif kind == "wavlm":
-            mixed = []
-            for i, wav in zip(indices, wavs):
-                other = batches.random_index()
-                if other != i and torch.rand((), generator=data_generator).item() < WAVLM_MIX_PROB:
-                    wav = mix_utterances(wav, audio[other], data_generator, gain_db=mix_gain_db)
-                mixed.append(wav)
-            wavs = torch.stack(mixed)
-        result = loss_fn(wavs, labels)
+        wavs = spec.corruption(wavs, indices, batches, options)
+        result = teacher.loss(wavs, labels, options.unmasked_weight)
         optimizer.zero_grad()
         result.loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 10.0)
@@ -561,8 +693,8 @@ def _train(kind, audio, targets: ClusterTargets, architecture: dict, *, steps, b
         schedule.step()
         records.append((step, result._replace(loss=float(result.loss.detach()))))
         bar.set_postfix(loss=f"{records[-1][1].loss:.3f}", acc=f"{result.accuracy:.2f}")
-    model.eval()
-    return records, model, save
+    teacher.model.eval()
+    return records, teacher
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,15 +740,15 @@ def _gain_range(text: str) -> tuple[float, float]:
 def _cli_train(args) -> int:
     from s3prl_ekd.io.audio import list_audio_files
 
-    result = train_teacher(args.kind, list_audio_files(args.audio_dir), args.out, steps=args.steps,
-                           seed=args.seed, batch_size=args.batch_size, crop_seconds=args.crop_seconds,
-                           lr=args.lr, n_clusters=args.clusters, init_from=args.init,
-                           distort_prob=args.distort_prob, mix_gain_db=args.mix_gain_db,
-                           progress=not args.quiet)
+    options = TeacherTrainingOptions(
+        steps=args.steps, seed=args.seed, batch_size=args.batch_size, crop_seconds=args.crop_seconds,
+        lr=args.lr, n_clusters=args.clusters, init_from=args.init, distort_prob=args.distort_prob,
+        mix_gain_db=args.mix_gain_db, progress=not args.quiet)
+    result = train_teacher(args.kind, list_audio_files(args.audio_dir), args.out, options)
     tenth = max(1, len(result.loss_curve) // 10)
     first = sum(loss for _, loss in result.loss_curve[:tenth]) / tenth
     last = sum(loss for _, loss in result.loss_curve[-tenth:]) / tenth
     print(f"{result.ckpt_path}: {result.kind} teacher, {result.num_parameters / 1e6:.2f}M parameters, "
-          f"loss {first:.3f} -> {last:.3f} over {args.steps} steps ({result.seconds:.0f} s, "
+          f"loss {first:.3f} -> {last:.3f} over {options.steps} steps ({result.seconds:.0f} s, "
           f"{result.seconds_per_step:.2f} s/step); curve: {result.loss_curve_path}")
     return 0
