@@ -1,7 +1,9 @@
-"""Run at every interpreter start by the `s3prl_ekd_hub.pth` hook: standard library only, nothing imported.
+"""The s3prl.hub hook proper, imported when a process first imports s3prl: standard library only.
 
-Two import-system finders hand over to `s3prl_ekd.patches` when, and only when, s3prl needs this
-package (patches.PATCHES["hub_entries"] and ["missing_modules"] say what they change and why):
+The `s3prl_ekd_hub.pth` start-up file costs every interpreter of the environment one tiny finder that
+watches for `import s3prl` and then calls `install()` here (benchmarks/startup_hook.py measures it).
+Two import-system finders then hand over to `s3prl_ekd.patches` when s3prl needs this package
+(patches.PATCHES["hub_entries"] and ["missing_modules"] say what they change and why):
 - after `s3prl.hub` executes, `patches.add_hub_entries` adds the ekd_distiller entries to it;
 - the modules in MISSING (imported by s3prl's experts, absent from its wheel) come from
   `patches.missing_module_spec`; that finder is asked last, so a full s3prl checkout's own win.
