@@ -183,13 +183,13 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_con
 
 def test_outputs_that_are_not_ours_are_refused(tmp_path, ekd_checkpoints):
     from s3prl_ekd.errors import UserError
-    from s3prl_ekd.recipes.superb import run_superb
+    from s3prl_ekd.recipes.superb import SuperbOptions, Upstream, run_superb
 
     out = tmp_path / "results"
     out.mkdir()
     (out / "results.json").write_text("my own results\n")
     with pytest.raises(UserError, match="holds files that `s3prl-ekd superb` did not write; .* --force"):
-        run_superb("fbank", None, tmp_path / "data", [], out_dir=out, progress=False)
+        run_superb(Upstream("fbank"), SuperbOptions(tmp_path / "data", out, "er", progress=False))
     assert (out / "results.json").read_text() == "my own results\n"
 
 

@@ -14,7 +14,15 @@ from s3prl_ekd.errors import ConfigError, UserError
 from s3prl_ekd.io.resources import recipe_file
 from s3prl_ekd.plugin.runner import installed_s3prl_dir
 from s3prl_ekd.recipes import superb
-from s3prl_ekd.recipes.layout import TASKS, prepare_all
+from s3prl_ekd.recipes.prepare import TASKS, prepare_all
+
+
+def superb_run(upstream, ckpt, data, tasks="er", profile="cpu-small", out=None, lr_grid=None, **options):
+    """run_superb with the upstream as one value and everything else as its options object."""
+    if isinstance(lr_grid, list):
+        lr_grid = {task: lr_grid for task in superb.parse_tasks(tasks)}
+    opts = superb.SuperbOptions(data, out, tasks, profile, lr_grid=lr_grid or {}, progress=False, **options)
+    return superb.run_superb(superb.Upstream(upstream, str(ckpt) if ckpt else None), opts)
 
 
 def test_every_recipe_profile_is_complete():
@@ -67,7 +75,7 @@ def test_checkpoint_choice_falls_back_to_the_last_states(tmp_path):
 
 def test_missing_prepare_output_is_reported_before_training(tmp_path):
     with pytest.raises(UserError, match="run `s3prl-ekd prepare er"):
-        superb.run_superb("fbank", None, tmp_path, "er", out_dir=tmp_path / "r", progress=False)
+        superb_run("fbank", None, tmp_path, "er", out=tmp_path / "r")
 
 
 def ark(path: Path) -> dict[str, str]:
@@ -76,11 +84,11 @@ def ark(path: Path) -> dict[str, str]:
 
 
 def test_four_tasks_train_and_test_with_fbank(tmp_path):
-    manifest = synthesize_corpus(tmp_path / "corpus", utterances=40, speakers=4, seed=0, progress=False)
+    manifest = synthesize_corpus(tmp_path / "corpus", utterances=40, speakers=4, seed=0)
     prepare_all(manifest, tmp_path / "data")
     out = tmp_path / "results"
-    results = superb.run_superb("fbank", None, tmp_path / "data", "pr,sid,er,asr", "cpu-small",
-                                out, steps=4, progress=False, jobs=2)
+    results = superb_run("fbank", None, tmp_path / "data", "pr,sid,er,asr", "cpu-small",
+                                out, steps=4, jobs=2)
 
     saved = json.loads((out / "results.json").read_text())
     assert saved == results and saved["upstream"] == "fbank"
@@ -119,20 +127,19 @@ def test_four_tasks_train_and_test_with_fbank(tmp_path):
 
     # An identical request is answered from disk, without training again.
     stamp = (out / "pr" / superb.RESULT_NAME).stat().st_mtime_ns
-    again = superb.run_superb("fbank", None, tmp_path / "data", "pr", "cpu-small", out, steps=4,
-                              progress=False)
+    again = superb_run("fbank", None, tmp_path / "data", "pr", "cpu-small", out, steps=4)
     assert again["tasks"]["pr"] == saved["tasks"]["pr"]
     assert (out / "pr" / superb.RESULT_NAME).stat().st_mtime_ns == stamp
 
     # Tasks run side by side (jobs=2 above) give the numbers they give one after another.
-    serial = superb.run_superb("fbank", None, tmp_path / "data", "er,sid", "cpu-small", tmp_path / "serial",
-                               steps=4, progress=False, jobs=1)
+    serial = superb_run("fbank", None, tmp_path / "data", "er,sid", "cpu-small", tmp_path / "serial",
+                               steps=4, jobs=1)
     assert serial["tasks"] == {"er": saved["tasks"]["er"], "sid": saved["tasks"]["sid"]}
 
 
 def test_jobs_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match="--jobs 0"):
-        superb.run_superb("fbank", None, tmp_path, "er", out_dir=tmp_path / "r", progress=False, jobs=0)
+        superb_run("fbank", None, tmp_path, "er", out=tmp_path / "r", jobs=0)
 
 
 @pytest.mark.slow
@@ -142,21 +149,21 @@ def test_checkpoint_upstreams_go_through_k(upstream, tmp_path, request):
         ckpt = request.getfixturevalue("tiny_teachers")["hubert_a"]
     else:
         ckpt = request.getfixturevalue("ekd_checkpoints")["layerwise_average"]
-    manifest = synthesize_corpus(tmp_path / "corpus", utterances=40, speakers=4, seed=0, progress=False)
+    manifest = synthesize_corpus(tmp_path / "corpus", utterances=40, speakers=4, seed=0)
     prepare_all(manifest, tmp_path / "data")
-    results = superb.run_superb(upstream, ckpt, tmp_path / "data", "sid,pr", "cpu-small",
-                                tmp_path / "r", steps=4, progress=False)
+    results = superb_run(upstream, ckpt, tmp_path / "data", "sid,pr", "cpu-small",
+                                tmp_path / "r", steps=4)
     assert 0 <= results["tasks"]["sid"]["acc"] <= 100 and results["tasks"]["pr"]["per"] >= 0
     assert f"-u {upstream} -d voxceleb1" in results["runs"]["sid"]["commands"][0]
     assert f"-k {ckpt}" in results["runs"]["sid"]["commands"][0]
 
 
 def test_lr_grid_picks_on_dev_and_noisy_pr_is_scored(tmp_path):
-    manifest = synthesize_corpus(tmp_path / "corpus", utterances=40, speakers=4, seed=0, progress=False)
+    manifest = synthesize_corpus(tmp_path / "corpus", utterances=40, speakers=4, seed=0)
     reports = prepare_all(manifest, tmp_path / "data", noisy_snr_db=5.0)
     assert "test_noisy" in " ".join(reports["pr"].notes)
-    results = superb.run_superb("fbank", None, tmp_path / "data", "pr", "cpu-small", tmp_path / "r", steps=4,
-                                progress=False, lr_grid=[1e-2, 1e-4], early_stop=3, memoize_gib=1.0)
+    results = superb_run("fbank", None, tmp_path / "data", "pr", "cpu-small", tmp_path / "r", steps=4,
+                         lr_grid=[1e-2, 1e-4], early_stop=3, memoize_gib=1.0)
     run = results["runs"]["pr"]["runs"]["pr"]
     assert set(run["dev"]) == {"0.01", "0.0001"}
     assert run["lr"] == float(min(run["dev"], key=run["dev"].get))  # PER: the lowest dev error wins
@@ -170,8 +177,8 @@ def test_lr_grid_picks_on_dev_and_noisy_pr_is_scored(tmp_path):
     assert run["noisy"]["value"] == pytest.approx(percent(run["noisy"]["scores"]), abs=1e-3)
 
     # Every run in this process, one after another, sharing memoised states: the same numbers.
-    here = superb.run_superb("fbank", None, tmp_path / "data", "pr", "cpu-small", tmp_path / "here", steps=4,
-                             progress=False, lr_grid=[1e-2, 1e-4], early_stop=3, memoize_gib=1.0, in_process=True)
+    here = superb_run("fbank", None, tmp_path / "data", "pr", "cpu-small", tmp_path / "here", steps=4,
+                             lr_grid=[1e-2, 1e-4], early_stop=3, memoize_gib=1.0, in_process=True)
     assert here["tasks"] == results["tasks"]
     assert here["runs"]["pr"]["runs"]["pr"]["scores"] == run["scores"]
 
@@ -179,13 +186,13 @@ def test_lr_grid_picks_on_dev_and_noisy_pr_is_scored(tmp_path):
 def test_lr_grid_per_task(tmp_path):
     """A grid for one task sweeps that task only; the others keep their recipe's rate."""
     assert superb.parse_lr_grid(["1e-3,1e-2", "asr=1e-3"], "pr,asr") == {"pr": [1e-3, 1e-2], "asr": [1e-3]}
-    manifest = synthesize_corpus(tmp_path / "corpus", utterances=40, speakers=4, seed=0, progress=False)
+    manifest = synthesize_corpus(tmp_path / "corpus", utterances=40, speakers=4, seed=0)
     prepare_all(manifest, tmp_path / "data")
     with pytest.raises(ConfigError, match="--lr-grid: unknown task"):
-        superb.run_superb("fbank", None, tmp_path / "data", "er", "cpu-small", tmp_path / "bad", steps=2,
-                          progress=False, lr_grid={"wer": [1e-3]})
-    results = superb.run_superb("fbank", None, tmp_path / "data", "er,sid", "cpu-small", tmp_path / "r", steps=2,
-                                progress=False, lr_grid={"sid": [1e-4, 1e-2]}, in_process=True)
+        superb_run("fbank", None, tmp_path / "data", "er", "cpu-small", tmp_path / "bad", steps=2,
+                          lr_grid={"wer": [1e-3]})
+    results = superb_run("fbank", None, tmp_path / "data", "er,sid", "cpu-small", tmp_path / "r", steps=2,
+                  lr_grid={"sid": [1e-4, 1e-2]}, in_process=True)
     recipe_lr = yaml.safe_load(recipe_file("er", "cpu-small.yaml").read_text())["optimizer"]["lr"]
     assert list(results["runs"]["er"]["runs"]["fold1"]["dev"]) == [f"{recipe_lr:g}"]
     assert list(results["runs"]["sid"]["runs"]["sid"]["dev"]) == ["0.0001", "0.01"]
@@ -196,13 +203,13 @@ def test_demo_stage_rerun_on_recipe_change(tmp_path, monkeypatch):
     (and an unchanged one is answered from disk)."""
     import yaml as yaml_module
 
-    manifest = synthesize_corpus(tmp_path / "corpus", utterances=40, speakers=4, seed=0, progress=False)
+    manifest = synthesize_corpus(tmp_path / "corpus", utterances=40, speakers=4, seed=0)
     prepare_all(manifest, tmp_path / "data")
-    first = superb.run_superb("fbank", None, tmp_path / "data", "er", "cpu-small", tmp_path / "r", steps=2,
-                              progress=False, in_process=True)
+    first = superb_run("fbank", None, tmp_path / "data", "er", "cpu-small", tmp_path / "r", steps=2,
+                              in_process=True)
     result = tmp_path / "r" / "er" / superb.RESULT_NAME
     stamp = result.stat().st_mtime_ns
-    superb.run_superb("fbank", None, tmp_path / "data", "er", "cpu-small", tmp_path / "r", steps=2, progress=False,
+    superb_run("fbank", None, tmp_path / "data", "er", "cpu-small", tmp_path / "r", steps=2,
                        in_process=True)
     assert result.stat().st_mtime_ns == stamp
     edited = tmp_path / "er-edited.yaml"
@@ -210,7 +217,7 @@ def test_demo_stage_rerun_on_recipe_change(tmp_path, monkeypatch):
     recipe["optimizer"]["lr"] = 5e-3
     edited.write_text(yaml_module.safe_dump(recipe))
     monkeypatch.setattr(superb, "recipe_file", lambda task, name: edited)
-    second = superb.run_superb("fbank", None, tmp_path / "data", "er", "cpu-small", tmp_path / "r", steps=2,
-                               progress=False, in_process=True)
+    second = superb_run("fbank", None, tmp_path / "data", "er", "cpu-small", tmp_path / "r", steps=2,
+                               in_process=True)
     assert result.stat().st_mtime_ns != stamp
     assert first["runs"]["er"]["lr"] == [1e-3] and second["runs"]["er"]["lr"] == [5e-3]

@@ -10,11 +10,11 @@ files s3prl writes, per utterance (recipes.scores). Writes OUT/results.json and 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shlex
-import subprocess
-import sys
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -23,17 +23,20 @@ from pathlib import Path
 import yaml
 
 from s3prl_ekd.errors import ConfigError, UserError
+from s3prl_ekd.io import processes
 from s3prl_ekd.io.events import read_scalars
 from s3prl_ekd.io.files import (
     atomic_write_json,
     atomic_write_text,
     claim_out,
+    file_sha256,
     fingerprint,
     fresh_owned_dir,
     refuse_foreign_out,
 )
+from s3prl_ekd.io.processes import s3prl_ekd_command
 from s3prl_ekd.io.resources import recipe_file
-from s3prl_ekd.recipes.layout import PREPARED_NAME, TASKS
+from s3prl_ekd.recipes.prepare import PREPARED_NAME, TASKS
 from s3prl_ekd.recipes.scores import percent, utterance_scores
 
 MARKER_NAME = ".s3prl_ekd_superb"  # marks experiment folders superb made, the only ones it clears
@@ -120,44 +123,81 @@ def recipe_config(task: str, profile: str, prepared: dict, steps: int | None = N
     return config
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """One upstream as s3prl's runners take it: hub name (-u), checkpoint (-k), upstream config (-g)."""
+
+    name: str
+    ckpt: str | None = None
+    config: str | None = None
+
+    def resolved(self) -> Upstream:
+        """Local paths made absolute and checked; an unknown hub name or a missing file is one line."""
+        from s3prl_ekd.plugin.downstream import check_upstream_name
+
+        check_upstream_name(self.name)
+        ckpt, config = self.ckpt, self.config
+        if ckpt and not str(ckpt).startswith(("http://", "https://")):
+            ckpt = str(Path(ckpt).resolve())
+            if not Path(ckpt).is_file():
+                raise UserError(f"{ckpt}: upstream checkpoint (-k) not found")
+        if config:
+            config = str(Path(config).resolve())
+            if not Path(config).is_file():
+                raise UserError(f"{config}: upstream config (-g) not found")
+        return Upstream(self.name, str(ckpt) if ckpt else None, config)
+
+    def argv(self) -> list[str]:
+        return (["-u", self.name] + (["-k", self.ckpt] if self.ckpt else [])
+                + (["-g", self.config] if self.config else []))
+
+    def identity(self) -> dict:
+        """What makes two upstreams the same: the name and the contents of the checkpoint and config."""
+        def content(path):
+            if not path or str(path).startswith(("http://", "https://")):
+                return path
+            return file_sha256(path)
+
+        return {"name": self.name, "ckpt": self.ckpt, "ckpt_sha256": content(self.ckpt),
+                "config": self.config, "config_sha256": content(self.config)}
+
+
 @dataclass
 class SuperbOptions:
-    """How every task runs (the same for all tasks of one `run_superb`)."""
+    """How `run_superb` runs: which tasks, on what data, into which folder, and how every task trains."""
 
-    device: str = "cpu"
+    data_dir: str | os.PathLike
+    out_dir: str | os.PathLike = "results/superb"
+    tasks: str | list[str] = TASKS
+    profile: str = "cpu-small"
+    device: str | None = None           # default: cuda when available, else cpu
     seed: int = 1337
-    threads: int | None = None          # OMP threads per run (1 on CPU by default)
+    threads: int | None = None          # OMP threads per run (default: 1 on CPU)
     steps: int | None = None            # training steps (default: the profile's)
     lr_grid: dict[str, list[float]] = field(default_factory=dict)  # task -> rates; absent: the recipe's rate
     early_stop: int | None = None       # stop after this many evaluations without a better dev metric
     memoize_gib: float | None = None    # keep up to this many GiB of upstream states per process
     in_process: bool = False            # run_downstream.py in this process, one run after another
+    jobs: int | None = None             # tasks at once (default: CPU cores / threads on CPU, 1 on GPU)
+    force: bool = False                 # re-run identical tasks; replace another upstream's results (kept aside)
+    progress: bool = True
 
 
-def downstream_command(argv: list[str]) -> list[str]:
-    """s3prl's run_downstream.py with `argv`, run through our bridge in a fresh interpreter."""
-    return [sys.executable, "-m", "s3prl_ekd.cli", "downstream", *argv]
-
-
-def run_logged(command: list[str], log: Path, task: str, opts: SuperbOptions) -> None:
-    """Run `command` (s3prl-ekd downstream ...); stdout to log, stderr (progress bars) to log.err.
-
-    `opts.threads` caps torch's CPU threads: the small downstream models run several times faster
-    on one thread than on two contended ones. `opts.in_process` runs it here instead of in a fresh
-    interpreter (no second import of s3prl; memoised upstream states shared by the runs).
-    """
+def run_logged(argv: list[str], log: Path, task: str, opts: SuperbOptions) -> str:
+    """`s3prl-ekd downstream ARGV` logged to `log` (+ .err): in a fresh interpreter, or here with
+    `opts.in_process` (no second import of s3prl; memoised upstream states shared by the runs).
+    Returns the command line, for the record."""
+    command = s3prl_ekd_command("downstream", *argv)
+    if not opts.in_process:
+        processes.run_logged(command, log, f"{task}: run_downstream.py", opts.threads)
+        return shlex.join(command)
     with open(log, "w") as out, open(log.with_suffix(".err"), "w") as err:
-        if opts.in_process:
-            code = _run_here(command[command.index("downstream") + 1:], out, err, opts.threads)
-        else:
-            env = dict(os.environ)
-            if opts.threads:
-                env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(opts.threads)
-            code = subprocess.call(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+        code = _run_here(argv, out, err, opts.threads)
     if code != 0:
         tail = "\n".join(log.with_suffix(".err").read_text().splitlines()[-15:])
-        raise UserError(f"{task}: run_downstream.py failed (exit {code}); command: "
-                        f"{shlex.join(command)}\nlogs: {log}, {log.with_suffix('.err')}\n{tail}")
+        raise UserError(f"{task}: run_downstream.py failed (exit {code}); command: {shlex.join(command)}\n"
+                        f"logs: {log}, {log.with_suffix('.err')}\n{tail}")
+    return shlex.join(command)
 
 
 def _run_here(argv: list[str], out, err, threads: int | None) -> int:
@@ -216,31 +256,25 @@ class TrainRun:
     command: str
 
 
-def train_once(task: str, config: dict, expdir: Path, upstream: str, ckpt: str | None,
-               upstream_config: str | None, opts: SuperbOptions) -> TrainRun:
+def train_once(task: str, config: dict, expdir: Path, upstream: Upstream, opts: SuperbOptions) -> TrainRun:
     spec = TASK_SPECS[task]
     fresh_owned_dir(expdir, MARKER_NAME, "s3prl-ekd superb")
     config_path = atomic_write_text(expdir / "recipe.yaml", yaml.safe_dump(config, sort_keys=False))
-    argv = ["-m", "train", "-u", upstream, "-d", spec.downstream, "-c", str(config_path),
+    argv = ["-m", "train", *upstream.argv(), "-d", spec.downstream, "-c", str(config_path),
             "-p", str(expdir), "--device", opts.device, "--seed", str(opts.seed)]
-    if ckpt:
-        argv += ["-k", str(ckpt)]
-    if upstream_config:
-        argv += ["-g", str(upstream_config)]
     if opts.early_stop:
         argv += ["--early-stop", str(opts.early_stop)]
     if opts.memoize_gib:
         argv += ["--memoize-upstream", str(opts.memoize_gib)]
-    command = downstream_command(argv)
     start = time.perf_counter()
-    run_logged(command, expdir / "train.log", task, opts)
+    command = run_logged(argv, expdir / "train.log", task, opts)
     curve = dev_curve(expdir, spec)
     best_step, dev_best = (max if spec.higher_is_better else min)(curve, key=lambda point: point[1])
     stop_file = expdir / "early_stop.json"
     stopped = json.loads(stop_file.read_text())["stopped_at_step"] if stop_file.is_file() \
         else int(config["runner"]["total_steps"])
     return TrainRun(float(config["optimizer"]["lr"]), str(expdir), dev_best, best_step, stopped,
-                    round(time.perf_counter() - start, 1), shlex.join(command))
+                    round(time.perf_counter() - start, 1), command)
 
 
 def test_once(task: str, checkpoint: Path, expdir: Path, fold: str | None, opts: SuperbOptions,
@@ -253,11 +287,10 @@ def test_once(task: str, checkpoint: Path, expdir: Path, fold: str | None, opts:
         argv += ["--memoize-upstream", str(opts.memoize_gib)]
     if corpus_test:
         argv += ["-o", f"args.expdir={expdir},,config.downstream_expert.corpus.test=['{corpus_test}']"]
-    command = downstream_command(argv)
     start = time.perf_counter()
-    run_logged(command, expdir / "test.log", task, opts)
+    command = run_logged(argv, expdir / "test.log", task, opts)
     scores = {utt: list(pair) for utt, pair in utterance_scores(task, expdir, spec.test_split, fold).items()}
-    return scores, round(time.perf_counter() - start, 1), shlex.join(command)
+    return scores, round(time.perf_counter() - start, 1), command
 
 
 @dataclass
@@ -277,8 +310,8 @@ class RunResult:
     noisy: dict | None = None            # PR on the noisy test copy: {value, scores, ...}
 
 
-def run_one(task: str, config: dict, expdir: Path, upstream: str, ckpt: str | None,
-            upstream_config: str | None, opts: SuperbOptions, noisy_test: str | None = None) -> RunResult:
+def run_one(task: str, config: dict, expdir: Path, upstream: Upstream, opts: SuperbOptions,
+            noisy_test: str | None = None) -> RunResult:
     """The learning-rate sweep (or the recipe's rate) on dev, then test with the winner."""
     spec = TASK_SPECS[task]
     rates = opts.lr_grid.get(task) or [None]
@@ -288,7 +321,7 @@ def run_one(task: str, config: dict, expdir: Path, upstream: str, ckpt: str | No
     for lr in rates:
         run_config = config if lr is None else deep_merge(config, {"optimizer": {"lr": lr}})
         run_dir = expdir / ("train" if lr is None else f"lr{lr:g}")
-        runs.append(train_once(task, run_config, run_dir, upstream, ckpt, upstream_config, opts))
+        runs.append(train_once(task, run_config, run_dir, upstream, opts))
     chosen = (max if spec.higher_is_better else min)(runs, key=lambda run: run.dev_best)
     checkpoint = pick_checkpoint(Path(chosen.expdir), spec)
     fold = config["downstream_expert"]["datarc"].get("test_fold") if task == "er" else None
@@ -307,30 +340,23 @@ def run_one(task: str, config: dict, expdir: Path, upstream: str, ckpt: str | No
                      test_seconds, str(checkpoint), commands, scores, noisy)
 
 
-def _file_stamp(path: str | None):
-    if not path:
-        return None
-    p = Path(path)
-    return [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else str(path)
-
-
-def run_task(task: str, upstream: str, ckpt: str | None, data_dir: Path, profile: str,
-             out_dir: Path, upstream_config: str | None, opts: SuperbOptions, force: bool) -> dict:
+def run_task(task: str, upstream: Upstream, opts: SuperbOptions) -> dict:
     """Run `task` (every ER fold the profile asks for) unless an identical run is on disk."""
     spec = TASK_SPECS[task]
+    data_dir, out_dir = Path(opts.data_dir), Path(opts.out_dir)
     prepared = load_prepared(data_dir, task)
-    config = recipe_config(task, profile, prepared, opts.steps)
+    config = recipe_config(task, opts.profile, prepared, opts.steps)
     folds = [None]
     if task == "er":
         folds = prepared.get("folds") or [config["downstream_expert"]["datarc"]["test_fold"]]
-        folds = folds if ALL_FOLDS[profile] else folds[:1]
+        folds = folds if ALL_FOLDS[opts.profile] else folds[:1]
     noisy_test = prepared.get("noisy_test") if task == "pr" else None
-    key = fingerprint(RESULT_VERSION, task, upstream, _file_stamp(ckpt), _file_stamp(upstream_config), profile, config,
-                      prepared.get("fingerprint"), folds, noisy_test, opts.device, opts.seed, opts.lr_grid.get(task),
-                      opts.early_stop, opts.memoize_gib is not None)
+    key = fingerprint(RESULT_VERSION, task, upstream.identity(), opts.profile, config, prepared.get("fingerprint"),
+                      folds, noisy_test, opts.device, opts.seed, opts.lr_grid.get(task), opts.early_stop,
+                      opts.memoize_gib is not None)
     task_dir = out_dir / task
     result_path = task_dir / RESULT_NAME
-    if not force and result_path.is_file():
+    if not opts.force and result_path.is_file():
         saved = json.loads(result_path.read_text())
         if saved.get("fingerprint") == key:
             print(f"[superb] {task}: up to date (same upstream, checkpoint, recipe and data): {result_path}")
@@ -339,10 +365,10 @@ def run_task(task: str, upstream: str, ckpt: str | None, data_dir: Path, profile
     runs = {}
     for fold in folds:
         if fold is None:
-            runs[task] = run_one(task, config, task_dir, upstream, ckpt, upstream_config, opts, noisy_test)
+            runs[task] = run_one(task, config, task_dir, upstream, opts, noisy_test)
         else:
             fold_config = deep_merge(config, {"downstream_expert": {"datarc": {"test_fold": fold}}})
-            runs[fold] = run_one(task, fold_config, task_dir / fold, upstream, ckpt, upstream_config, opts)
+            runs[fold] = run_one(task, fold_config, task_dir / fold, upstream, opts)
     values = [r.value for r in runs.values()]
     result = {
         "task": task, "metric": spec.metric, "value": round(sum(values) / len(values), 4),
@@ -358,75 +384,83 @@ def run_task(task: str, upstream: str, ckpt: str | None, data_dir: Path, profile
     return result
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+RESULTS_NAME = "results.json"
 
 
-def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os.PathLike,
-               tasks: str | list[str] = TASKS, profile: str = "cpu-small",
-               out_dir: str | os.PathLike = "results/superb", upstream_config: str | None = None,
-               device: str | None = None, seed: int = 1337, threads: int | None = None,
-               steps: int | None = None, force: bool = False, progress: bool = True,
-               jobs: int | None = None, lr_grid: list[float] | dict[str, list[float]] | None = None,
-               early_stop: int | None = None,
-               memoize_gib: float | None = None, in_process: bool = False) -> dict:
-    """Benchmark `upstream` on `tasks`; write and return results.json's content.
+def guard_out(out_dir: Path, upstream: Upstream, force: bool) -> None:
+    """`out_dir` holds no other upstream's results (compared by identity: name, checkpoint and config
+    contents); with `force`, such results are moved aside into OUT/previous-N/, never removed."""
+    refuse_foreign_out(out_dir, MARKER_NAME, "s3prl-ekd superb", force)
+    results = out_dir / RESULTS_NAME
+    if not results.is_file():
+        return
+    previous = json.loads(results.read_text()).get("upstream_identity")
+    if previous == upstream.identity():
+        return
+    if not force:
+        held = previous["name"] + (f" ({previous['ckpt']})" if previous and previous.get("ckpt") else "") \
+            if previous else "an earlier version of s3prl-ekd"
+        raise UserError(f"{out_dir}: holds the results of another upstream, {held}; choose another --out, or pass "
+                        "--force to run here (the old results are then kept in previous-N/ beside the new ones)")
+    aside = next(out_dir / f"previous-{n}" for n in range(1, 10**6) if not (out_dir / f"previous-{n}").exists())
+    aside.mkdir()
+    for entry in list(out_dir.iterdir()):
+        if entry.name != MARKER_NAME and not entry.name.startswith("previous-"):
+            shutil.move(str(entry), str(aside / entry.name))
+    print(f"[superb] {out_dir}: the results of {previous['name'] if previous else 'another upstream'} "
+          f"were moved to {aside}")
+
+
+def run_superb(upstream: Upstream, opts: SuperbOptions) -> dict:
+    """Benchmark `upstream` on `opts.tasks`; write and return results.json's content.
 
     results["tasks"][task] holds the one test metric in percent (pr: per, sid: acc, er: acc,
     asr: wer; pr_noisy: PR's model on the noisy test copy, when prepared); results["runs"][task]
     the learning rates tried (dev metric of each) and chosen, steps, times, checkpoints, exact
     commands and per-utterance test scores. A task whose identical run (same upstream, checkpoint
-    file, config, data, options) is already in `out_dir` is not run again unless `force`.
-    `threads` (default: 1 on CPU, torch's choice on GPU) sets OMP_NUM_THREADS for each run; `steps`
-    shortens (or lengthens) every training run; `lr_grid` replaces the recipe's learning rate by a
-    sweep picked on dev (one list for every task, or {task: list} for the tasks named); `early_stop` ends a run after that many evaluations without a better dev
-    metric; `memoize_gib` keeps the frozen upstream's states in memory across epochs (and, with
-    `in_process`, across tasks and learning rates: every run happens in this process, one after
-    another). `jobs` tasks run at once (default: on CPU, as many as the cores hold at `threads`
-    each; on GPU, one; with `in_process`, one). Each run is seeded on its own, so the numbers do
-    not depend on `jobs`.
+    and config contents, recipe, data, options) is already in `out_dir` is not run again unless
+    `force`; an `out_dir` holding another upstream's results is refused unless `force`. Each run is
+    seeded on its own, so the numbers do not depend on `jobs`.
     """
     from tqdm import tqdm
 
-    data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
-    refuse_foreign_out(out_dir, MARKER_NAME, "s3prl-ekd superb", force)
-    names = parse_tasks(tasks)
-    if ckpt and not str(ckpt).startswith(("http://", "https://")):
-        ckpt = str(Path(ckpt).resolve())
-        if not Path(ckpt).is_file():
-            raise UserError(f"{ckpt}: upstream checkpoint (-k) not found")
-    ckpt = str(ckpt) if ckpt else None
-    upstream_config = str(Path(upstream_config).resolve()) if upstream_config else None
-    device = device or default_device()
-    threads = threads if threads is not None else (1 if device == "cpu" else None)
-    if in_process:
+    from s3prl_ekd.devices import resolve_device
+
+    data_dir, out_dir = Path(opts.data_dir).resolve(), Path(opts.out_dir).resolve()
+    names = parse_tasks(opts.tasks)
+    device = resolve_device(opts.device)
+    upstream = upstream.resolved()
+    threads = opts.threads if opts.threads is not None else (1 if device == "cpu" else None)
+    jobs = opts.jobs
+    if opts.in_process:
         jobs = 1  # runs share sys.argv, the working directory and the RNGs: one at a time
     if jobs is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         jobs = max(1, cores // (threads or 1)) if device == "cpu" else 1  # cores this process may use
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: use 1 or more")
-    grids = lr_grid if isinstance(lr_grid, dict) else {task: list(lr_grid or []) for task in names}
+    grids = dict(opts.lr_grid)
     unknown = sorted(set(grids) - set(TASKS))
     if unknown:
         raise ConfigError(f"--lr-grid: unknown task(s) {unknown}; use some of {', '.join(TASKS)}")
     if any(lr <= 0 for rates in grids.values() for lr in rates):
-        raise ConfigError(f"--lr-grid {lr_grid}: learning rates must be positive")
+        raise ConfigError(f"--lr-grid {grids}: learning rates must be positive")
     grids = {task: sorted(rates) for task, rates in grids.items() if task in names and rates}
-    opts = SuperbOptions(device, seed, threads, steps, grids, early_stop, memoize_gib, in_process)
+    opts = dataclasses.replace(opts, data_dir=data_dir, out_dir=out_dir, device=device, threads=threads,
+                               lr_grid=grids, jobs=jobs)
     for task in names:
-        recipe_config(task, profile, load_prepared(data_dir, task), steps)  # fail before training
+        recipe_config(task, opts.profile, load_prepared(data_dir, task), opts.steps)  # fail before training
+    guard_out(out_dir, upstream, opts.force)
     claim_out(out_dir, MARKER_NAME, "s3prl-ekd superb")
-    results = {"upstream": upstream, "tasks": {}, "upstream_ckpt": ckpt, "profile": profile,
-               "data": str(data_dir), "device": device, "seed": seed, "lr_grid": opts.lr_grid,
-               "early_stop": early_stop, "runs": {}}
+    results = {"upstream": upstream.name, "tasks": {}, "upstream_ckpt": upstream.ckpt,
+               "upstream_config": upstream.config, "upstream_identity": upstream.identity(),
+               "upstream_ckpt_sha256": upstream.identity()["ckpt_sha256"], "profile": opts.profile,
+               "data": str(data_dir), "device": device, "seed": opts.seed, "lr_grid": grids,
+               "early_stop": opts.early_stop, "runs": {}}
     done = {}
     with ThreadPoolExecutor(max_workers=min(jobs, len(names))) as pool, \
-            tqdm(total=len(names), desc=f"superb {upstream}", unit="task", disable=not progress) as bar:
-        futures = {pool.submit(run_task, task, upstream, ckpt, data_dir, profile, out_dir, upstream_config,
-                               opts, force): task for task in names}
+            tqdm(total=len(names), desc=f"superb {upstream.name}", unit="task", disable=not opts.progress) as bar:
+        futures = {pool.submit(run_task, task, upstream, opts): task for task in names}
         for future in as_completed(futures):
             if future.exception() is not None:
                 pool.shutdown(wait=True, cancel_futures=True)  # tasks not started yet never start
@@ -444,7 +478,7 @@ def run_superb(upstream: str, ckpt: str | os.PathLike | None, data_dir: str | os
 
 
 def write_results(results: dict, out_dir: Path) -> None:
-    atomic_write_json(out_dir / "results.json", results)
+    atomic_write_json(out_dir / RESULTS_NAME, results)
     atomic_write_text(out_dir / "results.md", results_markdown(results))
 
 
@@ -453,7 +487,8 @@ def results_markdown(results: dict) -> str:
     lines = [f"# SUPERB-style results: {results['upstream']}", "",
              f"- upstream checkpoint: {results.get('upstream_ckpt') or '-'}",
              f"- profile: {results['profile']}; data: {results['data']}; device: {results['device']}",
-             "", "| task | metric (test, %) | value | steps (best / ran / cap) | lr (picked on dev) | train s | test s |",
+             "", "| task | metric (test, %) | value | steps (best / ran / cap) | lr (picked on dev) | train s "
+                 "| test s |",
              "|---|---|---|---|---|---|---|"]
     for task, metrics in results["tasks"].items():
         (metric, value), = metrics.items()
@@ -472,17 +507,16 @@ def results_markdown(results: dict) -> str:
 
 
 def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("superb", help="train + test an upstream on PR/SID/ER/ASR with "
-                                             "s3prl's run_downstream.py; writes results.json/.md")
-    p.add_argument("-u", "--upstream", required=True, help="s3prl upstream name, e.g. fbank, "
-                                                           "hubert_local, ekd_distiller")
-    p.add_argument("-k", "--ckpt", help="upstream checkpoint (for *_local / ekd_distiller)")
-    p.add_argument("-g", "--upstream-config", help="upstream model config (run_downstream.py -g)")
+    p = subparsers.add_parser("superb", help="train + test an upstream on PR/SID/ER/ASR; writes results.json/.md")
+    p.add_argument("-u", "--upstream", required=True, help="s3prl upstream name, e.g. fbank, hubert_local, "
+                                                           "ekd_distiller")
+    p.add_argument("-k", "--upstream-ckpt", help="upstream checkpoint (for *_local / ekd_distiller)")
+    p.add_argument("-g", "--upstream-config", help="upstream config (run_downstream.py -g)")
     p.add_argument("--data", required=True, help="folder `s3prl-ekd prepare` wrote")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma list of pr,sid,er,asr")
     p.add_argument("--profile", choices=PROFILES, default="cpu-small")
     p.add_argument("--out", required=True, help="output folder (results.json, one folder per task)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, help="CPU threads per run (default: 1 on CPU)")
     p.add_argument("--steps", type=int, help="training steps per task (default: the profile's)")
@@ -495,18 +529,16 @@ def register_cli(subparsers) -> None:
                    help="keep up to GIB of the frozen upstream's states, computed once per utterance")
     p.add_argument("--in-process", action="store_true", help="run every task here, one after another, sharing "
                    "the memoised upstream states (instead of a fresh interpreter per run)")
-    p.add_argument("--force", action="store_true", help="re-run tasks that already have a result, and write "
-                   "into an --out folder that superb did not make")
+    p.add_argument("--force", action="store_true", help="re-run tasks that already have a result; run into an "
+                   "--out holding another upstream's results (kept in previous-N/) or files superb did not write")
 
     def _superb(args) -> int:
-        results = run_superb(args.upstream, args.ckpt, args.data, args.tasks, args.profile,
-                             args.out, args.upstream_config, args.device, args.seed,
-                             args.threads, args.steps, args.force, jobs=args.jobs,
-                             lr_grid=parse_lr_grid(args.lr_grid, args.tasks) if args.lr_grid else None,
-                             early_stop=args.early_stop, memoize_gib=args.memoize_upstream,
-                             in_process=args.in_process)
+        opts = SuperbOptions(args.data, args.out, args.tasks, args.profile, args.device, args.seed, args.threads,
+                             args.steps, parse_lr_grid(args.lr_grid, args.tasks) if args.lr_grid else {},
+                             args.early_stop, args.memoize_upstream, args.in_process, args.jobs, args.force)
+        results = run_superb(Upstream(args.upstream, args.upstream_ckpt, args.upstream_config), opts)
         print(results_markdown(results).split("## Commands")[0].rstrip())
-        print(f"wrote {Path(args.out).resolve() / 'results.json'}")
+        print(f"wrote {Path(args.out).resolve() / RESULTS_NAME}")
         return 0
 
     p.set_defaults(func=_superb)
