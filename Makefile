@@ -30,7 +30,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 demo: setup
-	$(VENV)/bin/s3prl-ekd demo $(if $(FULL),--full,) $(if $(CONVERGE),--converge,)
+	$(VENV)/bin/s3prl-ekd demo $(if $(FULL),--full,) $(if $(COMPARE),--compare,) $(if $(CONVERGE),--converge,)
 
 clean-venv:
 	rm -rf $(VENV) $(CURRENT)

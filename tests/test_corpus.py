@@ -11,7 +11,7 @@ import soundfile as sf
 
 from s3prl_ekd.demo import corpus
 from s3prl_ekd.errors import UserError
-from s3prl_ekd.recipes.layout import espeak_phones, read_symbols
+from s3prl_ekd.recipes.prepare import espeak_phones, read_symbols
 
 
 @pytest.fixture(scope="module")

@@ -76,7 +76,8 @@ def _setup_cfg() -> configparser.ConfigParser:
 
 
 def _pins(lock: Path) -> dict[str, str]:
-    return dict(line.split("==", 1) for line in lock.read_text().splitlines() if "==" in line and not line.startswith("#"))
+    lines = lock.read_text().splitlines()
+    return dict(line.split("==", 1) for line in lines if "==" in line and not line.startswith("#"))
 
 
 def test_torch_floor_is_the_oldest_tested_stack():
