@@ -27,8 +27,8 @@ def test_typo_in_key_names_key_and_suggests(tmp_path):
 
 
 def test_wrong_type_and_bad_choice():
-    with pytest.raises(ConfigError, match=r"student\.encoder_layers: expected int, got '2'"):
-        load_config({"teachers": [{"name": "hubert_base"}], "student": {"encoder_layers": "2"}})
+    with pytest.raises(ConfigError, match=r"student\.encoder_layers: expected int, got 'two'"):
+        load_config({"teachers": [{"name": "hubert_base"}], "student": {"encoder_layers": "two"}})
     with pytest.raises(ConfigError, match=r"aggregation: 'mean' is not one of"):
         load_config({"teachers": [{"name": "hubert_base"}], "aggregation": "mean"})
 

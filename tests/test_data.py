@@ -9,7 +9,15 @@ import torch
 
 from s3prl_ekd.errors import AudioError, ConfigError
 from s3prl_ekd.io.audio import load_audio
-from s3prl_ekd.plugin.pretrain_data import BucketDataset, Utterance, crop_and_pad, crop_start, load_datarc, make_buckets
+from s3prl_ekd.plugin.pretrain_data import (
+    BucketDataset,
+    Utterance,
+    crop_and_pad,
+    crop_start,
+    load_datarc,
+    make_buckets,
+    statistics_utterances,
+)
 
 
 def write(path, wav, rate):
@@ -108,3 +116,16 @@ def test_files_shorter_than_the_receptive_field(tmp_path):
         BucketDataset(load_datarc(datarc), min_samples=400)
     dataset = BucketDataset(load_datarc({**datarc, "skip_short": True}), min_samples=400)
     assert sum(len(b) for b in dataset.buckets) == 4
+
+
+def test_statistics_utterances_evenly_spaced_whatever_the_seed(tmp_path):
+    for i in range(10):
+        write(tmp_path / f"u{i}.wav", np.zeros(500 if i == 3 else 4000, "float32"), 16000)
+    config = load_datarc({"audio_dir": str(tmp_path)})
+    keys = lambda rows: [r.key for r in rows]  # noqa: E731
+    # u3 (500 samples) is shorter than min_samples and left out; of the 9 left, every third
+    assert keys(statistics_utterances(config, 800, 0)) == [f"u{i}.wav" for i in range(10) if i != 3]
+    torch.manual_seed(0)
+    first = statistics_utterances(config, 800, 3)
+    torch.manual_seed(1)
+    assert keys(first) == keys(statistics_utterances(config, 800, 3)) == ["u0.wav", "u4.wav", "u7.wav"]

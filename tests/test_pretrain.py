@@ -12,6 +12,7 @@ from s3prl_ekd import load_student
 from s3prl_ekd.errors import UserError
 from s3prl_ekd.io.checkpoint import runner_checkpoints_allowed
 from s3prl_ekd.io.events import read_scalars
+from s3prl_ekd.io.files import file_sha256
 from s3prl_ekd.io.resources import pretrain_config
 from s3prl_ekd.plugin.runner import installed_s3prl_dir, link, unlink
 
@@ -41,6 +42,12 @@ def test_checkpoint_layout(ekd_checkpoints):
     assert "pretrain_expert" in state["Config"]           # s3prl's runner config stays intact
     assert state["Upstream_Config"]["aggregation"] == "multi_head"
     assert state["Student"]["head_dims"] == [32, 48]
+    # what the student started from and which teachers taught it; the paper's options add nothing else
+    assert state["Init"]["source"].startswith("random(seed=") and len(state["Init"]["fingerprint"]) == 64
+    teachers = state["Upstream_Config"]["teachers"]
+    assert state["Teacher_Fingerprints"] == [file_sha256(t["ckpt"]) for t in teachers]
+    assert not {"Target_Norm", "Loss_Weights"} & set(state)
+    assert (state["Upstream_Config"]["target_norm"], state["Upstream_Config"]["teacher_weighting"]) == ("none", "fixed")
     student = load_student(ckpt)
     assert student.num_targets == 2
     # the student part alone is plain data: loadable with weights_only and no allow-list
@@ -90,7 +97,8 @@ def test_new_run_refuses_to_overwrite_experiment(tmp_path, tiny_teachers, speech
     run_pretrain_cli(tmp_path, model_config(teachers, "layerwise_average"), "once", steps=2, audio_dir=speech_dir)
     cfg = tmp_path / "once.yaml"
     proc = subprocess.run([sys.executable, "-m", "s3prl_ekd.cli", "pretrain", "-u", "ekd_distiller", "-g", str(cfg),
-                           "-c", str(RUNNER), "-n", "once", "--device", "cpu"],
+                           "-c", str(RUNNER), "-n", "once", "--device", "cpu",
+                           "-o", f"config.pretrain_expert.datarc.audio_dir={speech_dir}"],
                           cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "already holds states-" in proc.stderr and "--force" in proc.stderr

@@ -59,16 +59,68 @@ def test_probe_rejects_average_of_different_dims(tiny_teachers):
         teachers.probe(aggregation="layerwise_average")
 
 
-def test_off_by_one_frames_aligned_but_other_rates_rejected(tmp_path, tiny_teachers):
+FINE_CNN = "[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)]"            # 160 samples per frame (10 ms)
+COARSE_CNN = "[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 3"        # 640 samples per frame (40 ms)
+
+
+@pytest.fixture(scope="module")
+def other_rate_teachers(tmp_path_factory) -> dict[str, str]:
+    """Tiny HuBERT (hubert_local) and WavLM (wavlm_local) checkpoints with 10 ms and 40 ms CNNs."""
+    out = tmp_path_factory.mktemp("rates")
+    return {f"{kind}_{rate}": str(make_random_teacher(kind, out / f"{kind}_{rate}.pt", seed=5, conv_feature_layers=cnn))
+            for kind in ("hubert", "wavlm") for rate, cnn in (("fine", FINE_CNN), ("coarse", COARSE_CNN))}
+
+
+def test_off_by_one_frames_aligned(tiny_teachers):
     a, b = torch.zeros(1, 1, 50, 4), torch.zeros(1, 1, 49, 4)
     assert [x.shape[2] for x in align_frames([a, b], ["a", "b"])] == [49, 49]
-    # a HuBERT whose CNN hops 160 samples yields twice the frames of a 320-hop teacher
-    fast = make_random_teacher("hubert", tmp_path / "fast.pt",
-                               conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)]")
+    with pytest.raises(ConfigError, match=r"different frame counts .*a: 52, b: 49"):
+        align_frames([torch.zeros(1, 1, 52, 4), b], ["a", "b"])
+
+
+@pytest.mark.parametrize("kind", ["hubert", "wavlm"])
+def test_teachers_at_10_and_40_ms_are_resampled_onto_20_ms_frames(tiny_teachers, other_rate_teachers, kind):
+    import s3prl.hub
+
+    configs = [TeacherConfig("hubert_local", str(tiny_teachers["hubert_a"]), [1, 3]),
+               TeacherConfig(f"{kind}_local", other_rate_teachers[f"{kind}_fine"], [1, 2]),
+               TeacherConfig(f"{kind}_local", other_rate_teachers[f"{kind}_coarse"], [2, 1])]
+    teachers = TeacherEnsemble(configs)
+    teachers.probe()
+    # measured, not asked: s3prl's hubert_local reports 320 whatever its CNN
+    assert teachers.hops == [320, 160, 640]
+    assert teachers.upstreams[1].get_downsample_rates("hidden_states") == 320
+    wav = torch.randn(16000) * 0.1
+    standard, fine, coarse = teachers([wav])
+    # 49, 99 // 2 = 49 and 24 * 2 = 48 frames, aligned to the shortest
+    assert standard.shape[2] == fine.shape[2] == coarse.shape[2] == 48
+    with torch.no_grad():
+        raw_fine = getattr(s3prl.hub, f"{kind}_local")(ckpt=configs[1].ckpt).eval()([wav])["hidden_states"]
+        raw_coarse = getattr(s3prl.hub, f"{kind}_local")(ckpt=configs[2].ckpt).eval()([wav])["hidden_states"]
+    assert raw_fine[1].shape[1] == 99 and raw_coarse[2].shape[1] == 24
+    # finer: student frame i is the mean of teacher frames 2i and 2i + 1
+    torch.testing.assert_close(fine[0, 1, 7], (raw_fine[2][0, 14] + raw_fine[2][0, 15]) / 2)
+    # coarser: frames 2j and 2j + 1 lie a quarter of a teacher frame either side of teacher frame j
+    x = raw_coarse[2][0]
+    torch.testing.assert_close(coarse[0, 0, 10], 0.25 * x[4] + 0.75 * x[5])
+    torch.testing.assert_close(coarse[0, 0, 11], 0.75 * x[5] + 0.25 * x[6])
+    torch.testing.assert_close(coarse[0, 0, 0], x[0])
+
+
+def test_a_hop_that_is_no_whole_ratio_is_one_line(tmp_path, tiny_teachers):
+    odd = make_random_teacher("hubert", tmp_path / "odd.pt", conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 3 + "
+                                                                                  "[(32,3,3)] + [(32,2,2)] * 2")  # 480
     teachers = TeacherEnsemble([TeacherConfig("hubert_local", str(tiny_teachers["hubert_a"]), [1]),
-                                TeacherConfig("hubert_local", str(fast), [1])])
-    with pytest.raises(ConfigError, match=r"different frame counts .*hubert_local#0: 49, hubert_local#1: 99.*frame rates differ"):
-        teachers([torch.zeros(16000)])
+                                TeacherConfig("hubert_local", str(odd), [1])])
+    with pytest.raises(ConfigError, match=r"^teachers\[1\] \(hubert_local\): its frames are 480 samples apart and "
+                                          r"the student's 320; one must be a whole multiple of the other") as error:
+        teachers.probe()
+    assert "\n" not in str(error.value)
+    # a 40 ms student takes the standard teacher's frames two by two
+    coarse = TeacherEnsemble([TeacherConfig("hubert_local", str(tiny_teachers["hubert_a"]), [1])], target_hop=640)
+    coarse.probe()
+    (pooled,) = coarse([torch.randn(16000) * 0.1])
+    assert coarse.hops == [320] and pooled.shape[2] == 24
 
 
 def test_unknown_hub_name_and_wrong_checkpoint(tmp_path, tiny_teachers):

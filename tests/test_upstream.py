@@ -102,7 +102,8 @@ def write_synthetic_model(path: Path, aggregation: str, head_dims: list[int], te
     from conftest import tiny_student
 
     torch.manual_seed(0)
-    student = EKDStudent(StudentConfig(**tiny_student(extractor_mode=extractor_mode)), head_dims, 2)
+    student = EKDStudent(StudentConfig(**tiny_student(extractor_mode=extractor_mode)), head_dims, 2,
+                         residual=aggregation == "multi_head_residual")
     teachers = [{"name": f"t{k}", "layers": [1, 2], "weight": 1.0, "dim": d} for k, d in enumerate(teacher_dims)]
     torch.save({"format": MODEL_FORMAT, "student": student_state(student), "aggregation": aggregation,
                 "teachers": teachers, "step": 0, "model_config": {}}, path)
@@ -126,6 +127,21 @@ def test_concat_heads_split_into_teacher_chunks_and_batch_path(tmp_path, speech_
             torch.testing.assert_close(batch[2 * k + target][1:], prediction[:, target, :, 32 * k:32 * (k + 1)])
     for b, a in zip(batch, alone):
         torch.testing.assert_close(b[0, :49], a[0], atol=1e-5, rtol=1e-5)
+
+
+def test_residual_heads_are_the_average_then_each_teachers_final_prediction(tmp_path, speech_dir):
+    student = write_synthetic_model(tmp_path / "model.pt", "multi_head_residual", [32, 32, 32], [32, 32])
+    upstream = UpstreamExpert(str(tmp_path / "model.pt"), hidden_states="heads").eval()
+    assert upstream.hidden_state_names == ["head/average/L1", "head/average/L2", "head/0:t0/L1", "head/0:t0/L2",
+                                           "head/1:t1/L1", "head/1:t1/L2"]
+    wav = speech_pair(speech_dir)[1]
+    with torch.no_grad():
+        states = upstream([wav])["hidden_states"]
+        student.eval()
+        last = student(wav[None], torch.tensor([len(wav)])).hidden_states[-1]
+        shared, residual = student.heads[0](last), student.heads[2](last)
+    torch.testing.assert_close(states[1], shared[:, 1])
+    torch.testing.assert_close(states[4], shared[:, 0] + residual[:, 0])  # teacher 1, target 0
 
 
 def test_head_states_order_on_hand_made_tensors():

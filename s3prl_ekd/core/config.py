@@ -15,7 +15,9 @@ from s3prl_ekd.core.student import StudentConfig
 from s3prl_ekd.errors import ConfigError
 from s3prl_ekd.io.strict import from_dict, read_yaml_mapping
 
-AGGREGATIONS = ("layerwise_average", "layerwise_concat", "multi_head")
+# The paper's three ways of making targets, and ours on top of them (see core/aggregation.py).
+PAPER_AGGREGATIONS = ("layerwise_average", "layerwise_concat", "multi_head")
+AGGREGATIONS = PAPER_AGGREGATIONS + ("multi_head_residual",)
 
 # (transformer depth, hidden dim) of well-known s3prl hub entries, so layer indices
 # and dimensions are checked before anything is downloaded or built. Other
@@ -42,6 +44,14 @@ class TeacherConfig:
 
 
 @dataclass
+class InitConfig:
+    """Where the student's backbone is copied from: an `s3prl.hub` entry, given like a teacher."""
+
+    name: str
+    ckpt: str | None = None
+
+
+@dataclass
 class LossConfig:
     """Per head: l1_weight * L1 + cosine_weight * mean(-log sigmoid(cos))."""
 
@@ -51,12 +61,33 @@ class LossConfig:
 
 @dataclass
 class EKDConfig:
-    """The model config (`-g`) of the `ekd_distiller` pretraining task."""
+    """The model config (`-g`) of the `ekd_distiller` pretraining task. The defaults are the paper's
+    method; `multi_head_residual`, `target_norm`, `teacher_weighting: uncertainty` and `init_from`
+    are ways of combining teachers beyond it (core/aggregation.py, core/loss.py).
+
+    `target_norm_utterances`: with `target_norm: teacher_layer` and live teachers, the statistics
+    are computed over up to this many training utterances (evenly spaced over the sorted file
+    list) when training starts; 0 = every utterance. A target store brings its own statistics
+    (over all its audio), and a resumed run reuses its checkpoint's.
+    """
 
     teachers: list[TeacherConfig]
-    aggregation: Literal["layerwise_average", "layerwise_concat", "multi_head"] = "layerwise_average"
+    aggregation: Literal["layerwise_average", "layerwise_concat", "multi_head",
+                         "multi_head_residual"] = "layerwise_average"
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # teacher_layer: every teacher layer is standardised per feature (mean and std over the training
+    # audio) before targets are made. Statistics come from the target store, or, with live teachers,
+    # from running them over up to `target_norm_utterances` training utterances when training starts
+    # (0 = all of them); a resumed run reuses the checkpoint's.
+    target_norm: Literal["none", "teacher_layer"] = "none"
+    target_norm_utterances: int = 2000
+    # fixed: head set s is weighted by the teachers' `weight`s; uncertainty: by exp(-s_s), a learned
+    # log-variance per head set, plus s_s (Kendall, Gal and Cipolla, 2018). Needs two or more head sets.
+    teacher_weighting: Literal["fixed", "uncertainty"] = "fixed"
+    # The upstream whose CNN and first layers `student.init_from_teacher` copies; default: the first
+    # teacher. Students of different teachers given one `init_from` (and one seed) start alike.
+    init_from: InitConfig | None = None
     # Teachers run under autocast in this dtype on CUDA (ignored on CPU); targets are cast back to float32.
     # A half dtype is checked against float32 per teacher layer when the run starts (core/precision.py).
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -98,12 +129,7 @@ def validate(config: EKDConfig, where: str = "config") -> EKDConfig:
     dims = {}
     for i, teacher in enumerate(config.teachers):
         key = f"{where}.teachers[{i}]"
-        if teacher.ckpt is not None and not teacher.ckpt.startswith(("http://", "https://")):
-            if not Path(teacher.ckpt).is_file():
-                raise ConfigError(f"{key}.ckpt: {teacher.ckpt} does not exist; "
-                                  "fix the path or drop `ckpt` to use the hub entry's own weights")
-        if teacher.name.endswith(("_local", "_custom")) and teacher.ckpt is None:
-            raise ConfigError(f"{key}.ckpt: {teacher.name} needs a checkpoint path in `ckpt`")
+        check_checkpoint(teacher, key)
         if teacher.weight <= 0:
             raise ConfigError(f"{key}.weight: {teacher.weight} must be > 0")
         shape = teacher_shape(teacher)
@@ -114,12 +140,56 @@ def validate(config: EKDConfig, where: str = "config") -> EKDConfig:
             teacher.layers = default_layers(depth)
         check_layers(teacher, depth, key)
     check_layer_counts(config.teachers, where)
-    if config.aggregation == "layerwise_average":
-        check_averageable(dims, f"{where}.aggregation")
+    if config.aggregation in ("layerwise_average", "multi_head_residual"):
+        check_averageable(dims, f"{where}.aggregation", config.aggregation)
+    if config.aggregation == "multi_head_residual" and len(config.teachers) < 2:
+        raise ConfigError(f"{where}.aggregation: multi_head_residual predicts each teacher's difference from "
+                          "the teachers' average and needs two or more teachers; with one, use layerwise_average")
     if config.student.encoder_embed_dim % config.student.encoder_attention_heads:
         raise ConfigError(f"{where}.student.encoder_embed_dim: {config.student.encoder_embed_dim} is not "
                           f"divisible by encoder_attention_heads={config.student.encoder_attention_heads}")
+    check_method_options(config, where)
     return config
+
+
+def check_checkpoint(source: TeacherConfig | InitConfig, where: str) -> None:
+    """A local `ckpt` exists; `*_local` / `*_custom` hub entries have one."""
+    if source.ckpt is not None and not source.ckpt.startswith(("http://", "https://")):
+        if not Path(source.ckpt).is_file():
+            raise ConfigError(f"{where}.ckpt: {source.ckpt} does not exist; "
+                              "fix the path or drop `ckpt` to use the hub entry's own weights")
+    if source.name.endswith(("_local", "_custom")) and source.ckpt is None:
+        raise ConfigError(f"{where}.ckpt: {source.name} needs a checkpoint path in `ckpt`")
+
+
+def head_set_count(aggregation: str, teachers: int) -> int:
+    """Prediction-head sets of `aggregation` with `teachers` teachers (see core/aggregation.py)."""
+    return {"multi_head": teachers, "multi_head_residual": 1 + teachers}.get(aggregation, 1)
+
+
+def check_method_options(config: EKDConfig, where: str) -> None:
+    """target_norm, teacher_weighting and init_from: values that cannot apply to this config."""
+    if config.target_norm_utterances < 0:
+        raise ConfigError(f"{where}.target_norm_utterances: {config.target_norm_utterances} must be >= 0 "
+                          "(0 = every training utterance)")
+    if config.teacher_weighting == "uncertainty":
+        sets = head_set_count(config.aggregation, len(config.teachers))
+        if sets < 2:
+            raise ConfigError(f"{where}.teacher_weighting: uncertainty learns one weight per prediction-head set, "
+                              f"and aggregation {config.aggregation} with {len(config.teachers)} teacher(s) has "
+                              "one; use aggregation multi_head or multi_head_residual with two or more teachers, "
+                              "or teacher_weighting: fixed")
+        if config.aggregation == "multi_head":
+            for i, teacher in enumerate(config.teachers):
+                if teacher.weight != 1.0:
+                    raise ConfigError(f"{where}.teachers[{i}].weight: {teacher.weight} has no effect with "
+                                      "teacher_weighting: uncertainty, which learns each head set's weight; "
+                                      "drop `weight` or use teacher_weighting: fixed")
+    if config.init_from is not None:
+        check_checkpoint(config.init_from, f"{where}.init_from")
+        if not config.student.init_from_teacher:
+            raise ConfigError(f"{where}.init_from: names {config.init_from.name} but student.init_from_teacher "
+                              "is false, so nothing is copied; set student.init_from_teacher: true or drop init_from")
 
 
 def check_layers(teacher: TeacherConfig, depth: int | None, where: str) -> None:
@@ -142,18 +212,19 @@ def check_layer_counts(teachers: list[TeacherConfig], where: str) -> None:
                           f"(the i-th entries form target i), got lengths {sorted(counts)}")
 
 
-def check_averageable(dims: dict[str, int], where: str) -> None:
-    """`layerwise_average` needs one hidden dim across teachers."""
+def check_averageable(dims: dict[str, int], where: str, mode: str = "layerwise_average") -> None:
+    """`layerwise_average` and `multi_head_residual` (teacher minus average) need one hidden dim across teachers."""
     if len(set(dims.values())) > 1:
         listed = ", ".join(f"{name}: {dim}" for name, dim in dims.items())
-        raise ConfigError(f"{where}: layerwise_average needs teachers of one hidden dimension, got {listed}; "
-                          "use layerwise_concat or multi_head, or teachers of the same size")
+        instead = "layerwise_concat or multi_head" if mode == "layerwise_average" else "multi_head"
+        raise ConfigError(f"{where}: {mode} needs teachers of one hidden dimension, got {listed}; "
+                          f"use {instead}, or teachers of the same size")
 
 
 def load_config(source: str | Path | dict) -> EKDConfig:
     """Load and validate an EKD model config from a YAML path or a plain dict.
 
-    Relative teacher `ckpt` paths in a YAML file are relative to that file's folder.
+    Relative `ckpt` paths (teachers, init_from) in a YAML file are relative to that file's folder.
     """
     where, base = "config", None
     if not isinstance(source, dict):
@@ -161,7 +232,7 @@ def load_config(source: str | Path | dict) -> EKDConfig:
         source = read_yaml_mapping(path, "model config (-g)")
         where, base = str(path), path.resolve().parent
     config = from_dict(EKDConfig, source, where)
-    for teacher in config.teachers:
-        if base and teacher.ckpt and "://" not in teacher.ckpt and not Path(teacher.ckpt).is_absolute():
-            teacher.ckpt = str((base / teacher.ckpt).resolve())
+    for entry in [*config.teachers, *([config.init_from] if config.init_from else [])]:
+        if base and entry.ckpt and "://" not in entry.ckpt and not Path(entry.ckpt).is_absolute():
+            entry.ckpt = str((base / entry.ckpt).resolve())
     return validate(config, where)

@@ -70,3 +70,35 @@ def num_frames(samples: int, conv_layers: ConvLayers) -> int:
 def valid_frames(frame_lengths: torch.Tensor, frames: int) -> torch.Tensor:
     """(B,) valid frames per utterance -> (B, frames) bool, True on frames inside the utterance."""
     return torch.arange(frames, device=frame_lengths.device)[None, :] < frame_lengths[:, None]
+
+
+def resample_frames(hidden: torch.Tensor, source_hop: int, target_hop: int) -> torch.Tensor:
+    """Frames `source_hop` samples apart -> frames `target_hop` samples apart, on dim 2.
+
+    hidden: (B, L, T, D) -> (B, L, T', D). Frame i of a model with hop h is taken to cover samples
+    [h i, h (i + 1)), so both cases put an output frame's centre where its inputs' centre is:
+    - finer source (target_hop = r * source_hop): frame i is the mean of source frames r i .. r i + r - 1;
+      T' = T // r (a partial group at the end is dropped);
+    - coarser source (source_hop = r * target_hop): frame i is the linear interpolation of the source
+      at position p = (i + 1/2) / r - 1/2, clamped to [0, T - 1]; T' = T * r;
+    - equal hops: `hidden` itself.
+    Either hop must be a whole multiple of the other (a ValueError otherwise).
+    """
+    if source_hop == target_hop:
+        return hidden
+    batch, layers, frames, dim = hidden.shape
+    if target_hop % source_hop == 0:
+        ratio = target_hop // source_hop
+        kept = frames // ratio
+        return hidden[:, :, :kept * ratio].reshape(batch, layers, kept, ratio, dim).mean(dim=3)
+    if source_hop % target_hop == 0:
+        ratio = source_hop // target_hop
+        if frames == 0:
+            return hidden
+        position = ((torch.arange(frames * ratio, device=hidden.device, dtype=torch.float64) + 0.5) / ratio
+                    - 0.5).clamp(0, frames - 1)                           # (T',)
+        lower = position.floor().long()
+        upper = (lower + 1).clamp(max=frames - 1)
+        weight = (position - lower).to(hidden.dtype)[None, None, :, None]  # (1, 1, T', 1)
+        return hidden.index_select(2, lower) * (1 - weight) + hidden.index_select(2, upper) * weight
+    raise ValueError(f"frame hops {source_hop} and {target_hop}: neither is a whole multiple of the other")

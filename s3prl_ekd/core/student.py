@@ -38,6 +38,9 @@ class StudentConfig:
     activation_dropout: float = 0.1
     feature_grad_mult: float = 0.1  # scales the CNN's gradient; 0 freezes the CNN (no backward through it)
     head_inter_dim: int | None = None  # hidden width of each head; default encoder_embed_dim
+    # hidden width of each teacher's residual head set (aggregation multi_head_residual);
+    # default a quarter of the shared heads' width
+    residual_inter_dim: int | None = None
     # Copy the CNN and the first `encoder_layers` transformer layers from the first
     # teacher where names and shapes match (DistilHuBERT's initialisation).
     init_from_teacher: bool = True
@@ -88,12 +91,19 @@ class PredictionHeads(nn.Module):
 
 
 class EKDStudent(nn.Module):
-    """CNN + transformer backbone with `len(head_dims)` head sets of `num_targets` heads each."""
+    """CNN + transformer backbone with `len(head_dims)` head sets of `num_targets` heads each.
 
-    def __init__(self, config: StudentConfig, head_dims: list[int], num_targets: int):
+    `residual=True` (aggregation multi_head_residual): head set 0 is shared, head sets 1.. are
+    narrower residual sets (width `residual_inter_dim`), and the predictions are
+    [shared] + [shared + residual_k]: every entry of `predictions` is a final prediction.
+    """
+
+    def __init__(self, config: StudentConfig, head_dims: list[int], num_targets: int, residual: bool = False):
         super().__init__()
         self.config = config
-        self.head_dims, self.num_targets = list(head_dims), num_targets
+        self.head_dims, self.num_targets, self.residual = list(head_dims), num_targets, residual
+        if residual and len(set(head_dims)) > 1:
+            raise ValueError(f"residual head sets add to the shared one: one output size needed, got {head_dims}")
         backbone_config = {**dataclasses.asdict(config),
                            "extractor_conv_feature_layers": config.conv_feature_layers,
                            "task_emb_type": "none", "out_layer_type": "none", "encoder_layerdrop": 0.0}
@@ -104,8 +114,11 @@ class EKDStudent(nn.Module):
         if config.feature_grad_mult == 0:  # frozen: no optimizer state, nothing for DDP to wait for
             self.backbone.feature_extractor.requires_grad_(False)
         inter_dim = config.head_inter_dim or config.encoder_embed_dim
+        inter_dims = [inter_dim] * len(head_dims)
+        if residual:
+            inter_dims[1:] = [config.residual_inter_dim or max(1, inter_dim // 4)] * (len(head_dims) - 1)
         self.heads = nn.ModuleList(
-            PredictionHeads(config.encoder_embed_dim, inter_dim, num_targets, dim) for dim in head_dims)
+            PredictionHeads(config.encoder_embed_dim, inter, num_targets, dim) for inter, dim in zip(inter_dims, head_dims))
 
     @property
     def downsample_rate(self) -> int:
@@ -139,13 +152,17 @@ class EKDStudent(nn.Module):
         _, layer_hiddens = self.backbone.encoder(x, padding, get_hidden=True)
         hidden_states = [x] + list(layer_hiddens)
         predictions = [heads(hidden_states[-1]) for heads in self.heads] if predict else []
+        if self.residual and predictions:
+            shared = predictions[0]
+            predictions = [shared] + [shared + residual for residual in predictions[1:]]
         return StudentOutput(hidden_states, frame_lengths, predictions)
 
 
 def student_from_dict(state: dict, heads: bool = True) -> EKDStudent:
     """Rebuild a student from the plain dict `student_state` returns (config, dims, weights);
     `heads=False` builds the backbone alone."""
-    model = EKDStudent(StudentConfig(**state["config"]), state["head_dims"], state["num_targets"])
+    model = EKDStudent(StudentConfig(**state["config"]), state["head_dims"], state["num_targets"],
+                       residual=state.get("residual_heads", False))
     if not heads:
         model.drop_heads()
         weights = {k: v for k, v in state["state_dict"].items() if not k.startswith("heads.")}
@@ -158,5 +175,5 @@ def student_from_dict(state: dict, heads: bool = True) -> EKDStudent:
 def student_state(model: EKDStudent) -> dict:
     """Plain dict of tensors and Python values: loadable with torch.load(weights_only=True)."""
     return {"config": dataclasses.asdict(model.config), "head_dims": list(model.head_dims),
-            "num_targets": model.num_targets,
+            "num_targets": model.num_targets, "residual_heads": model.residual,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}

@@ -132,6 +132,15 @@ def drop_short(rows: list[Utterance], min_samples: int, skip: bool) -> list[Utte
     return kept
 
 
+def statistics_utterances(config: DataConfig, min_samples: int, limit: int) -> list[Utterance]:
+    """Up to `limit` (0 = every) training utterances of at least `min_samples`, evenly spaced over
+    the key order (the same ones whatever the seed): the audio target statistics are computed over."""
+    rows = sorted((r for r in read_utterances(config) if r.samples >= min_samples), key=lambda r: r.key)
+    if limit <= 0 or len(rows) <= limit:
+        return rows
+    return [rows[i * len(rows) // limit] for i in range(limit)]
+
+
 def make_buckets(rows: list[Utterance], batch_size: int, max_timestep: int = 0) -> list[list[Utterance]]:
     """Sort by length (longest first) and cut into batches, as s3prl's WaveDataset does."""
     if max_timestep > 0:
@@ -177,6 +186,9 @@ class StoredTargets:
     layers: list[list[int]]  # per config teacher: indices into the stored layers
     hop: int = 320           # samples per frame of the teachers' CNN
     field: int = 400         # samples of one frame (receptive field)
+    # per config teacher: LayerStats of its selected layers over the store (target_norm); None if
+    # the store holds no statistics
+    stats: list | None = None
 
 
 class BucketDataset(Dataset):

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from s3prl_ekd.core.config import AGGREGATIONS
+from s3prl_ekd.core.config import AGGREGATIONS, PAPER_AGGREGATIONS
 from s3prl_ekd.core.frames import parse_conv_layers
 from s3prl_ekd.core.student import EKDStudent, distilhubert_base, ekd_student_tiny
 from s3prl_ekd.errors import UserError
@@ -60,7 +60,7 @@ class BenchSetting:
     size: str = "tiny"                  # "tiny" | "base" (HuBERT Base / WavLM Base+ architectures)
     device: str = "cpu"                 # "cpu" | "cuda"
     ks: tuple[int, ...] = (1, 2, 3)
-    modes: tuple[str, ...] = AGGREGATIONS
+    modes: tuple[str, ...] = PAPER_AGGREGATIONS  # any of AGGREGATIONS
     batch_size: int = 4
     seconds: float = 1.0                # length of every utterance of the timed batch
     reps: int = 3                       # timed repetitions (median reported) after `warmup` ones
@@ -510,6 +510,8 @@ def _check(setting: BenchSetting) -> None:
     unknown = [m for m in setting.modes if m not in AGGREGATIONS]
     if unknown or not setting.modes:
         raise UserError(f"--modes {unknown or ''}: use some of {', '.join(AGGREGATIONS)}")
+    if "multi_head_residual" in setting.modes and min(setting.ks) < 2:
+        raise UserError("--modes multi_head_residual: needs two or more teachers; use --k values >= 2")
     if setting.threads is not None and setting.threads < 1:
         raise UserError(f"--threads {setting.threads}: use 1 or more")
     if setting.reps < 1 or setting.warmup < 0 or setting.batch_size < 2 or setting.loader_steps < 2:
@@ -662,7 +664,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--size", default="tiny", choices=sorted(TEACHER_LAYERS))
     p.add_argument("--k", default="1,2,3", help="numbers of teachers, comma-separated (1..3)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--modes", default=",".join(AGGREGATIONS), help="aggregation modes, comma-separated")
+    p.add_argument("--modes", default=",".join(PAPER_AGGREGATIONS),
+                   help=f"aggregation modes, comma-separated, of {', '.join(AGGREGATIONS)}")
     p.add_argument("--targets", default=None, help="target store folder: also time the cached step "
                                                    "(built there for the benchmark's teachers if absent)")
     p.add_argument("--runner-config", default=RUNNER_CONFIG, help="runner config whose optimizer the step uses, "

@@ -12,7 +12,9 @@ or a keyword argument; a keyword wins over the file):
 - `heads`: the prediction heads' outputs, head set by head set, target layer by target
   layer. `layerwise_average`: one state per target; `layerwise_concat`: each target's
   concatenated output split back into per-teacher chunks (teacher order, then target);
-  `multi_head`: each teacher's head for each target.
+  `multi_head`: each teacher's head for each target; `multi_head_residual`: the shared head
+  set's (the teachers' average), then each teacher's final prediction (shared + residual).
+  A student without heads (`s3prl-ekd merge` of students of different teachers) refuses it.
 - `backbone+heads`: both lists, backbone first.
 
 s3prl's Featurizer sums the selected states with learned weights, so they must share one
@@ -75,11 +77,13 @@ def head_states(predictions: list[torch.Tensor], aggregation: str,
 
 
 def head_state_names(aggregation: str, teachers: list[dict]) -> list[str]:
-    """Names of `head_states`' outputs, e.g. 'head/hubert_base/L4' or 'head/average/L4+L8'."""
+    """Names of `head_states`' outputs, e.g. 'head/0:hubert_base/L4' or 'head/average/L4+L8'."""
     targets = list(zip(*(t["layers"] for t in teachers)))
+    average = ["head/average/L" + "+".join(dict.fromkeys(map(str, layers))) for layers in targets]
     if aggregation == "layerwise_average":
-        return ["head/average/L" + "+".join(dict.fromkeys(map(str, layers))) for layers in targets]
-    return [f"head/{k}:{t['name']}/L{t['layers'][i]}" for k, t in enumerate(teachers) for i in range(len(targets))]
+        return average
+    per_teacher = [f"head/{k}:{t['name']}/L{t['layers'][i]}" for k, t in enumerate(teachers) for i in range(len(targets))]
+    return average + per_teacher if aggregation == "multi_head_residual" else per_teacher
 
 
 class UpstreamExpert(UpstreamBase):
@@ -97,6 +101,10 @@ class UpstreamExpert(UpstreamBase):
         self.aggregation: str = state["aggregation"]
         self.teachers: list[dict] = state["teachers"]
         self.step: int = state["step"]
+        if self._uses("heads") and not state["student"]["head_dims"]:
+            raise ConfigError(f"{ckpt}: hidden_states={self.options.hidden_states}, but this student has no "
+                              "prediction heads (a merge of students of different teachers keeps the backbone "
+                              "only); use hidden_states: backbone")
         # Heads only when asked for: a backbone-only model has no parameter that never gets a gradient.
         self.student: EKDStudent = student_from_dict(state["student"], heads=self._uses("heads"))
         self.student.eval()
