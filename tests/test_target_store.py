@@ -1,5 +1,6 @@
 """The teacher-target store: built once, read by students of every mode; equal to running the
-teachers live; resumable, shardable, checked against float32, and strict about what it holds."""
+teachers live; resumable, shardable, checked against float32, holding each layer's statistics, and
+strict about what it holds. Damage to a store's files: test_store_damage.py."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from s3prl_ekd.core.teachers import TeacherEnsemble
 from s3prl_ekd.errors import ConfigError, UserError
 from s3prl_ekd.io.audio import load_audio
 from s3prl_ekd.io.events import read_scalars
-from s3prl_ekd.io.target_store import ShardWriter, StoredTeacher, TargetStore
-from s3prl_ekd.plugin.targets import build_store, match_store
+from s3prl_ekd.core.normalization import LayerStats
+from s3prl_ekd.io.target_store import FORMAT, ShardWriter, StoredTeacher, StoreError, TargetStore
+from s3prl_ekd.plugin import targets
+from s3prl_ekd.plugin.targets import build_store, match_store, verify_store
 
 SAMPLES = 19200  # 1.2 s: every utterance the same length, so batched teachers see no padding
 
@@ -135,7 +138,23 @@ def test_an_interrupted_shard_resumes_after_its_last_complete_utterance(tmp_path
     assert resumed.done == {"a", "b"} and resumed.frames == 5
     assert (tmp_path / "teacher0.bin").stat().st_size == 5 * 2 * 4
     resumed.add("c", 800, [3 * torch.ones(1, 1, 2)])
-    resumed.finish()
+    resumed.flush()
+    # A kill after "d"'s progress line reached the disk but before all of its frames did.
+    with open(tmp_path / "teacher0.bin", "ab") as handle:
+        handle.write(np.full(2, 4, dtype=np.float32).tobytes())   # 1 of its 2 frames
+    with open(tmp_path / "utterances.jsonl", "a") as handle:
+        handle.write(json.dumps({"key": "d", "samples": 960, "offset": 6, "frames": 2}) + "\n")
+    resumed = ShardWriter(tmp_path, [teacher], "float32")
+    assert resumed.done == {"a", "b", "c"} and (tmp_path / "teacher0.bin").stat().st_size == 6 * 2 * 4
+    assert ShardWriter(tmp_path, [teacher], "float32", keep=1).done == {"a"}  # a caller's checkpoint: a only
+    resumed = ShardWriter(tmp_path, [teacher], "float32")
+    assert resumed.done == {"a"}
+    resumed.add("b", 800, [2 * torch.ones(2, 1, 2)])
+    resumed.add("c", 800, [3 * torch.ones(1, 1, 2)])
+    (tmp_path / "errors.json").write_text("{}")
+    stats = LayerStats.empty(1, 2)
+    done = resumed.finish([stats])
+    assert done["frames"] == 6 and stats.count == 6 and stats.total.tolist() == [[3 + 4 + 3] * 2]
     lines = [json.loads(line) for line in (tmp_path / "utterances.jsonl").read_text().splitlines()]
     assert [(e["key"], e["offset"], e["frames"]) for e in lines] == [("a", 0, 3), ("b", 3, 2), ("c", 5, 1)]
     data = np.fromfile(tmp_path / "teacher0.bin", dtype=np.float32).reshape(-1, 1, 2)
@@ -158,7 +177,11 @@ def test_half_precision_that_overflows_is_refused(tiny_teachers, equal_audio, tm
 
 
 def test_half_precision_teachers_checked_against_float32(tiny_teachers, speech_dir):
+    from s3prl_ekd.patches import keep_pos_conv_fp32
+
     ensemble = TeacherEnsemble([TeacherConfig(**t) for t in teachers_of(tiny_teachers)])
+    for upstream in ensemble.upstreams:
+        keep_pos_conv_fp32(upstream)  # as the pretrain expert does for teachers under autocast
     ensemble.probe("cpu")
     wavs = [load_audio(p) for p in sorted(speech_dir.glob("*.wav"))[:3]]
     errors = ensemble.check_precision(wavs, dtype="bfloat16")  # bfloat16 autocast runs on CPU too
@@ -178,3 +201,99 @@ def test_targets_build_cli_refuses_a_foreign_folder_and_says_up_to_date(tiny_tea
     assert (foreign / "notes.txt").read_text() == "keep me"
     proc = subprocess.run(cli + ["--out", str(stores["bfloat16"])], capture_output=True, text=True)
     assert proc.returncode == 0 and "up to date" in proc.stdout + proc.stderr
+
+
+def test_the_store_holds_each_layers_statistics_over_every_frame(tiny_teachers, equal_audio, stores):
+    """index.json: per teacher, LayerStats of its stored layers over every frame of the training audio
+    (float32 storage: the teachers' own outputs); match_store hands each config teacher its rows."""
+    ensemble = TeacherEnsemble([TeacherConfig(**t) for t in teachers_of(tiny_teachers)])
+    ensemble.probe("cpu")
+    expected = [LayerStats.empty(3, 32) for _ in range(2)]
+    for path in sorted(equal_audio.glob("*.wav")):
+        for stats, hidden in zip(expected, ensemble([load_audio(path)])):
+            stats.update(hidden[0].transpose(0, 1))                     # (T, L, D)
+    store = TargetStore(stores["float32"])
+    for teacher, stats in zip(store.teachers, expected):
+        stored = LayerStats.from_dict(teacher.stats)
+        assert stored.count == stats.count == store.index["frames"] == 8 * 59
+        torch.testing.assert_close(stored.total, stats.total, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(stored.squares, stats.squares, rtol=1e-9, atol=1e-9)
+    config = load_config(model_config([{**teachers_of(tiny_teachers)[1], "layers": [3, 1]}], "layerwise_average"))
+    (selected,) = match_store(stores["float32"], config).stats
+    assert selected.count == expected[1].count
+    torch.testing.assert_close(selected.total, expected[1].total[[2, 0]], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(selected.squares, expected[1].squares[[2, 0]], rtol=1e-9, atol=1e-9)
+    assert verify_store(stores["bfloat16"])["verified"]
+
+
+def test_a_killed_build_resumes_into_the_same_store_byte_for_byte(tiny_teachers, equal_audio, stores, tmp_path,
+                                                                  monkeypatch):
+    """Killed after 5 of 8 utterances (error sums saved every 2): the resumed build redoes the fifth and
+    ends with the very files of an uninterrupted build: frames, statistics and relative errors."""
+    import gc
+
+    config = write_yaml(tmp_path / "t.yaml", model_config(teachers_of(tiny_teachers), "layerwise_average"))
+    monkeypatch.setattr(targets, "FLUSH_EVERY", 2)
+    loaded = []
+
+    def dies_on_the_sixth(path, **kwargs):
+        if len(loaded) == 5:
+            raise KeyboardInterrupt
+        loaded.append(path)
+        return load_audio(path, **kwargs)
+
+    monkeypatch.setattr(targets, "load_audio", dies_on_the_sixth)
+    with pytest.raises(KeyboardInterrupt):
+        build_store(config, str(equal_audio), tmp_path / "store", log=lambda _: None)
+    gc.collect()  # the killed build's open files (a real kill closes them)
+    shard = tmp_path / "store" / "shard-00000-of-00001"
+    assert len((shard / "utterances.jsonl").read_text().splitlines()) == 5 and not (shard / "shard.json").exists()
+    monkeypatch.setattr(targets, "load_audio", load_audio)
+    lines = []
+    build_store(config, str(equal_audio), tmp_path / "store", log=lines.append)
+    assert "[targets] resuming: 4 of 8 utterances already stored" in lines
+    whole = stores["bfloat16"]
+    for path in sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file()):
+        assert (tmp_path / "store" / path).read_bytes() == (whole / path).read_bytes(), path
+    assert TargetStore(tmp_path / "store").teachers[0].relative_error == TargetStore(whole).teachers[0].relative_error
+
+
+def test_a_store_of_the_older_format_is_refused_then_rebuilt(tiny_teachers, equal_audio, stores, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(stores["float32"], old)
+    for name in ("index.json", "build.json"):
+        data = json.loads((old / name).read_text())
+        (old / name).write_text(json.dumps({**data, "format": "ekd-targets-v1"}, indent=1) + "\n")
+    with pytest.raises(StoreError, match=r"index.json: a target store of format 'ekd-targets-v1'; this version reads "
+                                         rf"{FORMAT} .*: rebuild it with `s3prl-ekd targets build` and the same -g"):
+        TargetStore(old)
+    normalised = load_config({**model_config(teachers_of(tiny_teachers), "layerwise_average"),
+                              "target_norm": "teacher_layer"})
+    with pytest.raises(StoreError, match="a target store of format 'ekd-targets-v1'"):
+        match_store(old, normalised)
+    config = write_yaml(tmp_path / "t.yaml", model_config(teachers_of(tiny_teachers), "layerwise_average"))
+    lines = []
+    build_store(config, str(equal_audio), old, dtype="float32", log=lines.append)
+    assert f"[targets] {old}: a store of an older format; rebuilding it as {FORMAT}" in lines
+    assert (old / "index.json").read_bytes() == (stores["float32"] / "index.json").read_bytes()
+    assert match_store(old, normalised).stats[0].count == 8 * 59
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--shard", "3/2"], "--shard 3/2: i must be in 0..N-1"),
+    (["--dtype", "float8"], "--dtype float8: use one of float32, float16, bfloat16"),
+    (["--device", "gpu"], "--device 'gpu': not a device; use cpu, cuda or cuda:N"),
+    (["--tolerance", "0"], "--tolerance 0.0: give a relative error above 0"),
+])
+def test_targets_build_bad_inputs_are_one_line_and_write_nothing(flags, message, tiny_teachers, equal_audio,
+                                                                 tmp_path, capsys):
+    from s3prl_ekd.cli import main
+
+    config = write_yaml(tmp_path / "t.yaml", model_config(teachers_of(tiny_teachers), "layerwise_average"))
+    out = tmp_path / "store"
+    code = main(["targets", "build", "-g", str(config), "--audio", str(equal_audio), "--out", str(out), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("s3prl-ekd targets: error: " + message), err
+    assert not out.exists()
