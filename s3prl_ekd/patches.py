@@ -51,6 +51,19 @@ def _patch(name: str, replaces: str, why: str, needed_on: str, test: str,
     return record
 
 
+@contextlib.contextmanager
+def _replaced(owner, **values) -> Iterator[None]:
+    """`owner`'s attributes set to `values` for the block, then restored whatever happens."""
+    saved = {name: getattr(owner, name) for name in values}
+    for name, value in values.items():
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(owner, name, value)
+
+
 def _source(module_name: str, attribute: str | None = None) -> str:
     import inspect
 
@@ -82,7 +95,8 @@ def _hub_has_no_plugin_registry() -> bool:
         "s3prl.hub star-imports a fixed list of upstreams and has no plugin registry; run_downstream.py -u, "
         "S3PRLUpstream and ESPnet's S3prlFrontend look upstream names up there",
         "every stack (s3prl 0.4.18, espnet-s3prl 2026.5.14)",
-        "tests/test_upstream.py::test_hub_entries_found_in_a_fresh_interpreter, tests/test_patches.py::test_broken_plugin",
+        "tests/test_upstream.py::test_hub_entries_found_in_a_fresh_interpreter, "
+        "tests/test_patches.py::test_broken_plugin",
         reason_holds=_hub_has_no_plugin_registry)
 def add_hub_entries(hub_module) -> None:
     """Set the ekd_distiller entries on `hub_module`. If the plugin cannot load here, each entry is a
@@ -283,12 +297,8 @@ def atomic_runner_checkpoints(runner_module, writer: bool = True) -> Iterator[No
     def remove(path):
         pending.append(path)
 
-    saved = runner_module.torch, runner_module.os
-    runner_module.torch, runner_module.os = _Proxy(torch, save=save), _Proxy(os, remove=remove)
-    try:
+    with _replaced(runner_module, torch=_Proxy(torch, save=save), os=_Proxy(os, remove=remove)):
         yield
-    finally:
-        runner_module.torch, runner_module.os = saved
 
 
 def _runner_logs_constant_lr() -> bool:
@@ -313,11 +323,8 @@ def scheduled_lr_logging(runner_module) -> Iterator[None]:
             optimizer.get_lr = lambda: [group["lr"] for group in optimizer.param_groups]
         return optimizer
 
-    runner_module.get_optimizer = get_optimizer
-    try:
+    with _replaced(runner_module, get_optimizer=get_optimizer):
         yield
-    finally:
-        runner_module.get_optimizer = original
 
 
 def _runner_has_no_ranks() -> bool:
@@ -354,12 +361,8 @@ def quiet_ranks(runner_module) -> Iterator[None]:
         def write(*args, **kwargs):
             pass
 
-    saved = runner_module.SummaryWriter, runner_module.tqdm
-    runner_module.SummaryWriter, runner_module.tqdm = _NullWriter, QuietTqdm
-    try:
+    with _replaced(runner_module, SummaryWriter=_NullWriter, tqdm=QuietTqdm):
         yield
-    finally:
-        runner_module.SummaryWriter, runner_module.tqdm = saved
 
 
 # -- s3prl's downstream runner and datasets ---------------------------------------------------------
@@ -409,13 +412,8 @@ def soundfile_load(uri, frame_offset: int = 0, num_frames: int = -1, normalize: 
 def soundfile_audio() -> Iterator[None]:
     import torchaudio
 
-    saved = torchaudio.load
-    if _needs_soundfile():
-        torchaudio.load = soundfile_load
-    try:
+    with _replaced(torchaudio, **({"load": soundfile_load} if _needs_soundfile() else {})):
         yield
-    finally:
-        torchaudio.load = saved
 
 
 def _voxceleb1_caches_in_package() -> bool:
@@ -436,13 +434,9 @@ def voxceleb1_cache() -> Iterator[None]:
 
     from s3prl.downstream.voxceleb1 import dataset
 
-    saved = dataset.CACHE_PATH
-    with tempfile.TemporaryDirectory(prefix="s3prl-ekd-voxceleb1-cache-") as cache:
-        dataset.CACHE_PATH = cache + "/"
-        try:
-            yield
-        finally:
-            dataset.CACHE_PATH = saved
+    with tempfile.TemporaryDirectory(prefix="s3prl-ekd-voxceleb1-cache-") as cache, \
+            _replaced(dataset, CACHE_PATH=cache + "/"):
+        yield
 
 
 def _hack_nests() -> bool:
@@ -477,11 +471,8 @@ def isinstance_hack_once() -> Iterator[None]:
         if getattr(builtins.isinstance, "__qualname__", "") != "hack_isinstance.<locals>.isinstance":
             saved()
 
-    helper.hack_isinstance = once
-    try:
+    with _replaced(helper, hack_isinstance=once):
         yield
-    finally:
-        helper.hack_isinstance = saved
 
 
 def _ctc_loader_pops_workers() -> bool:
@@ -493,14 +484,9 @@ def _ctc_loader_pops_workers() -> bool:
     def refuse(*args, **kwargs):
         raise Stop
 
-    corpus, saved = {"num_workers": 0}, data.create_dataset
-    data.create_dataset = refuse
-    try:
+    corpus = {"num_workers": 0}
+    with _replaced(data, create_dataset=refuse), contextlib.suppress(Stop):
         data.load_dataset("train", None, corpus)
-    except Stop:
-        pass
-    finally:
-        data.create_dataset = saved
     return "num_workers" not in corpus
 
 
@@ -514,11 +500,8 @@ def ctc_loader_config_copy() -> Iterator[None]:
     from s3prl.downstream.ctc import expert
 
     saved = expert.load_dataset
-    expert.load_dataset = lambda split, tokenizer, corpus: saved(split, tokenizer, dict(corpus))
-    try:
+    with _replaced(expert, load_dataset=lambda split, tokenizer, corpus: saved(split, tokenizer, dict(corpus))):
         yield
-    finally:
-        expert.load_dataset = saved
 
 
 def _downstream_has_no_early_stop() -> bool:
@@ -539,20 +522,15 @@ def downstream_runner_hooks(get_upstream=None, evaluate=None, get_featurizer=Non
     from s3prl.downstream import runner
 
     Runner = runner.Runner
-    saved = (Runner._get_upstream, Runner.evaluate, Runner._get_featurizer, runner.SummaryWriter)
+    methods = {"_get_upstream": get_upstream, "evaluate": evaluate, "_get_featurizer": get_featurizer}
 
     def wrap(method, replacement):
-        return method if replacement is None else (lambda self, *a, **k: replacement(method, self, *a, **k))
+        return lambda self, *a, **k: replacement(method, self, *a, **k)
 
-    Runner._get_upstream = wrap(saved[0], get_upstream)
-    Runner.evaluate = wrap(saved[1], evaluate)
-    Runner._get_featurizer = wrap(saved[2], get_featurizer)
-    if summary_writer is not None:
-        runner.SummaryWriter = summary_writer
-    try:
+    wrapped = {name: wrap(getattr(Runner, name), fn) for name, fn in methods.items() if fn is not None}
+    with _replaced(Runner, **wrapped), \
+            _replaced(runner, **({"SummaryWriter": summary_writer} if summary_writer is not None else {})):
         yield
-    finally:
-        Runner._get_upstream, Runner.evaluate, Runner._get_featurizer, runner.SummaryWriter = saved
 
 
 # -- models -------------------------------------------------------------------------------------------
@@ -697,7 +675,7 @@ def plain_progress_bars(every: float = PROGRESS_EVERY_SECONDS) -> Iterator[None]
         return
     from tqdm import tqdm
 
-    saved_init, saved_display = tqdm.__init__, tqdm.display
+    saved_init = tqdm.__init__
 
     def __init__(self, *args, **kwargs):
         kwargs["mininterval"] = max(kwargs.get("mininterval", 0.1), every)
@@ -716,8 +694,5 @@ def plain_progress_bars(every: float = PROGRESS_EVERY_SECONDS) -> Iterator[None]
         self.fp.flush()
         return True
 
-    tqdm.__init__, tqdm.display = __init__, display
-    try:
+    with _replaced(tqdm, __init__=__init__, display=display):
         yield
-    finally:
-        tqdm.__init__, tqdm.display = saved_init, saved_display

@@ -32,11 +32,18 @@ def s3prl_distribution() -> str:
     raise ImportError(f"s3prl-ekd needs s3prl, which is not installed: {INSTALL_HINT}")
 
 
+def _findable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a module that cannot even be found is not installed
+        return False
+
+
 def stack_problem() -> str | None:
     """One line saying why this environment cannot run s3prl-ekd, or None if it can."""
-    if importlib.util.find_spec("s3prl") is None:
+    if not _findable("s3prl"):
         return f"s3prl-ekd needs s3prl, which is not installed: {INSTALL_HINT}"
-    if importlib.util.find_spec("torchaudio") is None:
+    if not _findable("torchaudio"):
         return ("s3prl-ekd needs torchaudio (s3prl imports it), which is not installed: "
                 "pip install torchaudio==<your torch version> (2.11 at most), or " + INSTALL_HINT)
     torchaudio = _version("torchaudio")

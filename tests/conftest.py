@@ -135,3 +135,19 @@ def ekd_checkpoints(tmp_path_factory, tiny_teachers, speech_dir) -> dict[str, Pa
         expdir = run_pretrain_cli(work, model_config(teachers, mode), mode, steps=20, audio_dir=speech_dir)
         out[mode] = max(expdir.glob("states-*.ckpt"), key=lambda p: p.stat().st_mtime)
     return out
+
+
+def run_cli_here(argv: list[str]) -> tuple[int, str]:
+    """`s3prl-ekd ARGV` in this process: (exit status, stdout + stderr); argparse's own exits included."""
+    import contextlib
+    import io
+
+    from s3prl_ekd import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = cli.main(argv)
+        except SystemExit as exit_:
+            rc = exit_.code
+    return rc, out.getvalue() + err.getvalue()

@@ -4,8 +4,6 @@ gives the same outputs as the original upstream; and the transformers format on 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import subprocess
 import sys
@@ -13,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli_here
 from s3prl_ekd.upstream.ekd_distiller import hubconf
 
-from s3prl_ekd import __version__, cli
+from s3prl_ekd import __version__
 from s3prl_ekd.io.checkpoint import STEP_KEY, TEACHER_FINGERPRINTS_KEY, load_raw
 from s3prl_ekd.stack import s3prl_distribution
 from s3prl_ekd.tools.export import (
@@ -56,13 +55,7 @@ def written(package: str) -> list[str]:
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = cli.main(argv)
-        except SystemExit as exit_:  # argparse's own errors
-            rc = exit_.code
-    return rc, out.getvalue() + err.getvalue()
+    return run_cli_here(argv)
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,7 @@ card, and the inputs refused before anything is written."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import os
 import subprocess
@@ -15,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli_here
 from s3prl_ekd.upstream.ekd_distiller import hubconf
 from torch.nn.utils.rnn import pad_sequence
 
-from s3prl_ekd import cli
 from s3prl_ekd.core.frames import conv_frame_lengths
 from s3prl_ekd.core.student import (
     EKDStudent,
@@ -111,13 +109,7 @@ def load(folder: Path):
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = cli.main(argv)
-        except SystemExit as exit_:  # argparse's own errors
-            rc = exit_.code
-    return rc, out.getvalue() + err.getvalue()
+    return run_cli_here(argv)
 
 
 def largest_differences(ours: list[torch.Tensor], theirs: list[torch.Tensor], frames: list[int]) -> list[float]:

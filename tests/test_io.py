@@ -44,6 +44,8 @@ def test_a_number_yaml_reads_as_text_says_how_to_write_it(tmp_path):
     assert from_dict(Rates, {"lr": 5.0e-2, "steps": 3}).lr == 0.05
     with pytest.raises(ConfigError, match=r"r\.steps: expected int, got 'three'"):
         from_dict(Rates, {"steps": "three"}, "r")
+    with pytest.raises(ConfigError, match=r"r\.steps: expected int, got '2'$"):  # quoted: no float advice
+        from_dict(Rates, {"steps": "2"}, "r")
 
 
 def _record(payload: bytes) -> bytes:

@@ -16,11 +16,11 @@ import torch
 from conftest import model_config, run_pretrain_cli, write_yaml
 
 from s3prl_ekd.core.config import TeacherConfig, load_config
+from s3prl_ekd.core.normalization import LayerStats
 from s3prl_ekd.core.teachers import TeacherEnsemble
 from s3prl_ekd.errors import ConfigError, UserError
 from s3prl_ekd.io.audio import load_audio
 from s3prl_ekd.io.events import read_scalars
-from s3prl_ekd.core.normalization import LayerStats
 from s3prl_ekd.io.target_store import FORMAT, ShardWriter, StoredTeacher, StoreError, TargetStore
 from s3prl_ekd.plugin import targets
 from s3prl_ekd.plugin.targets import build_store, match_store, verify_store

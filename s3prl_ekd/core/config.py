@@ -93,7 +93,7 @@ class EKDConfig:
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     target_tolerance: float = 0.05  # largest accepted ||half - float32|| / ||float32|| of a target layer
     # Positional convolutions (teachers and student) in float32 inside autocast: half-precision cuDNN
-    # runs this grouped k=128 convolution ~10x slower on H100 (shared/GPU_PROFILE.md).
+    # runs this grouped kernel-128 convolution several times slower (benchmarks/RESULTS.md, GPU section).
     fp32_pos_conv: bool = True
 
     def to_dict(self) -> dict:

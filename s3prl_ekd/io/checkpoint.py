@@ -34,7 +34,8 @@ LOSS_WEIGHTS_KEY = "Loss_Weights"  # uncertainty weighting: the learned per-head
 TEACHER_FINGERPRINTS_KEY = "Teacher_Fingerprints"  # per teacher: sha256 of its checkpoint file, or "hub:<name>"
 
 # model.pt: {format: MODEL_FORMAT, student: student_state dict, aggregation: str,
-#            teachers: [{name, layers, weight, dim (int or None)}], step: int, model_config: dict}
+#            teachers: [{name, layers, weight, dim (int or None)}], step: int, model_config: dict,
+#            and optionally runner_config: dict, teacher_fingerprints: [str]}
 MODEL_FORMAT = "ekd_distiller-model-v1"
 MODEL_KEYS = ("student", "aggregation", "teachers", "step")
 

@@ -47,7 +47,7 @@ def _convert(value: Any, tp, where: str):
         return from_dict(tp, value, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp in (int, float) and isinstance(value, str) and _is_number(value):
+    if tp is float and isinstance(value, str) and _yaml11_text_float(value):
         raise ConfigError(f"{where}: {value!r} is text, not a number: YAML 1.1 reads a number without a dot in its "
                           f"mantissa as text; write {_with_dot(value)}")
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
@@ -55,12 +55,13 @@ def _convert(value: Any, tp, where: str):
     return value
 
 
-def _is_number(text: str) -> bool:
+def _yaml11_text_float(text: str) -> bool:
+    """A number YAML 1.1 reads as text: an exponent without a dot in the mantissa (5e-2)."""
     try:
         float(text)
     except ValueError:
         return False
-    return True
+    return "e" in text.lower() and "." not in text.lower().partition("e")[0]
 
 
 def _with_dot(text: str) -> str:

@@ -259,6 +259,9 @@ def check_args(args: argparse.Namespace) -> None:
         experts = sorted(p.name for p in (installed_s3prl_dir() / "downstream").iterdir() if (p / "expert.py").is_file())
         raise ConfigError(f"-d {args.downstream}: not an s3prl downstream expert; e.g. {', '.join(experts[:12])}")
     check_upstream_name(args.upstream)
+    if args.upstream in ("ekd_distiller", "ekd_distiller_local") and args.upstream_ckpt \
+            and not str(args.upstream_ckpt).startswith(("http://", "https://")):
+        checkpoint.read_checkpoint(args.upstream_ckpt)  # a teacher's or another kind of file: one line
     if args.config is None:
         args.config = str(default_config(args.downstream))
         print(f"[s3prl-ekd] -c not given: {args.config}")

@@ -113,10 +113,20 @@ def scan_audio_dir(audio_dir: str, resample: bool, downmix: bool) -> list[Uttera
     return rows
 
 
+# Scans of an audio folder in this process: the check before s3prl starts and the dataset s3prl's runner
+# builds in the same process read each header once.
+_SCANNED: dict[tuple, list[Utterance]] = {}
+
+
 def read_utterances(config: DataConfig) -> list[Utterance]:
-    if config.audio_dir is not None:
-        return scan_audio_dir(config.audio_dir, config.resample, config.downmix)
-    return read_bucket_csvs(config.file_path, config.sets, config.libri_root)
+    """Every training utterance the datarc names; an audio folder's headers are checked (rate, channels,
+    empty or unreadable files are one AudioError naming the file)."""
+    if config.audio_dir is None:
+        return read_bucket_csvs(config.file_path, config.sets, config.libri_root)
+    key = (str(Path(config.audio_dir).resolve()), config.resample, config.downmix)
+    if key not in _SCANNED:
+        _SCANNED[key] = scan_audio_dir(config.audio_dir, config.resample, config.downmix)
+    return list(_SCANNED[key])
 
 
 def drop_short(rows: list[Utterance], min_samples: int, skip: bool) -> list[Utterance]:

@@ -275,6 +275,17 @@ def check_override_keys(pairs: list[tuple[str, str]], config: dict, arg_names: l
             node, walked = node[part], walked + [part]
 
 
+def check_training_audio(config: dict, model_config) -> None:
+    """Every training file usable and long enough for the student's CNN, before s3prl makes the
+    experiment folder (an audio folder's headers; s3prl's bucket CSVs hold the lengths)."""
+    from s3prl_ekd.core.frames import parse_conv_layers, receptive_field
+    from s3prl_ekd.plugin.pretrain_data import drop_short, load_datarc, read_utterances
+
+    datarc = load_datarc(config["pretrain_expert"]["datarc"])
+    field = receptive_field(parse_conv_layers(model_config.student.conv_feature_layers))
+    drop_short(read_utterances(datarc), field, datarc.skip_short)
+
+
 def check_runner_config(config: dict, where: str) -> None:
     """One-line errors for what s3prl's runner would only assert on, or fail on mid-run."""
     runner = config.get("runner") or {}
@@ -399,8 +410,10 @@ def check_resume(args, resumed: str, user_cwd: Path, pairs: list[tuple[str, str]
         new_runner = apply_overrides(saved_runner, pairs)
     runner_changes = config_differences(saved_runner, new_runner)
     if args.upstream_config is not None and checkpoint.MODEL_CONFIG_KEY in saved:
+        # Both through the typed config, so that keys an older checkpoint lacks count at their defaults.
         new_model = load_config(args.upstream_config).to_dict()
-        model_changes = config_differences(saved[checkpoint.MODEL_CONFIG_KEY], new_model)
+        old_model = load_config(copy.deepcopy(saved[checkpoint.MODEL_CONFIG_KEY])).to_dict()
+        model_changes = config_differences(old_model, new_model)
         if model_changes:
             raise ConfigError(f"-g {args.upstream_config}: differs from the model config of the experiment "
                               f"being resumed ({resumed}) in {_listed(model_changes)}; s3prl would resume with "
@@ -450,6 +463,8 @@ def prepare_argv(args, user_cwd: Path, leader: bool = True) -> tuple[list[str], 
     if args.expdir is None and args.expname is not None:
         args.expdir = f"result/pretrain/{args.expname}"  # s3prl's default, but under the user's directory
     args.expdir, args.past_exp = absolute(args.expdir), absolute(args.past_exp)
+    if args.expname is None and args.expdir is not None:
+        args.expname = Path(args.expdir).name  # s3prl requires a name for a new run, even with -p
     device_given = args.device is not None
     args.device = resolve_device(args.device)
     if not device_given and leader:
@@ -462,11 +477,14 @@ def prepare_argv(args, user_cwd: Path, leader: bool = True) -> tuple[list[str], 
         runner_config = read_yaml_mapping(runner_path, "runner config (-c)")
         check_override_keys(pairs, runner_config, arg_names)
         pairs = _absolute_datarc_paths(runner_config, user_cwd, pairs) + pairs
-        check_runner_config(apply_overrides(runner_config, pairs), runner_path)
-        if args.upstream_config is not None and args.upstream == TASK_NAME:
+        effective = apply_overrides(runner_config, pairs)
+        check_runner_config(effective, runner_path)
+        if args.upstream == TASK_NAME:
             from s3prl_ekd.core.config import load_config
 
-            load_config(args.upstream_config)  # the model config's mistakes, before s3prl starts
+            # the model config's mistakes, then the audio's, before s3prl starts
+            model = load_config(args.upstream_config or str(pretrain_config(DEFAULT_MODEL_CONFIG)))
+            check_training_audio(effective, model)
         expdir = Path(args.expdir)
     else:
         check_override_keys(pairs, checkpoint.load_raw(resumed).get("Config") or {}, arg_names)
