@@ -64,11 +64,16 @@ def _replaced(owner, **values) -> Iterator[None]:
             setattr(owner, name, value)
 
 
+def _same_quotes(source: str) -> str:
+    """Source text with double quotes as single ones: espnet-s3prl reformatted s3prl's code."""
+    return source.replace('"', "'")
+
+
 def _source(module_name: str, attribute: str | None = None) -> str:
     import inspect
 
     module = importlib.import_module(module_name)
-    return inspect.getsource(getattr(module, attribute) if attribute else module)
+    return _same_quotes(inspect.getsource(getattr(module, attribute) if attribute else module))
 
 
 def _s3prl_dir():
@@ -79,7 +84,7 @@ def _s3prl_dir():
 
 
 def _script_source(name: str) -> str:
-    return (_s3prl_dir() / name).read_text()
+    return _same_quotes((_s3prl_dir() / name).read_text())
 
 
 # -- s3prl.hub: the upstream entries and the modules the wheel lacks -------------------------------
@@ -251,7 +256,7 @@ def script_context(script, argv: list[str], cwd, path: list) -> Iterator[None]:
 
 def _pretrain_runner_source() -> str:
     """s3prl's pretrain/runner.py, read (it imports `optimizers` as a top-level module: not importable here)."""
-    return (_s3prl_dir() / "pretrain" / "runner.py").read_text()
+    return _same_quotes((_s3prl_dir() / "pretrain" / "runner.py").read_text())
 
 
 def _runner_saves_in_place() -> bool:

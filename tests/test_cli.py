@@ -53,7 +53,7 @@ def test_downstream_help_lists_our_flags():
 def test_every_option_of_s3prls_script_is_accepted(script, ours):
     """When s3prl adds an option to its script, this names it (both stacks run this test)."""
     source = (installed_s3prl_dir() / script).read_text()
-    options = set(re.findall(r"add_argument\(\s*(?:'-\w'\s*,\s*)?'(--[\w-]+)'", source))
+    options = set(re.findall(r"""add_argument\(\s*(?:['"]-\w['"]\s*,\s*)?['"](--[\w-]+)['"]""", source))
     assert len(options) >= 10
     parser = build_parser(ours)
     sub = parser._subparsers._group_actions[0].choices[ours]

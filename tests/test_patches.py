@@ -206,3 +206,9 @@ def test_checkpoint_names_s3prl_optimizers(tiny_runs):
     assert b"s3prl.optimizers" in pickled and b"\noptimizers\n" not in pickled
     proc = run_python("import sys, torch; print(torch.load(sys.argv[1], weights_only=False)['Step'])", str(ckpt))
     assert proc.returncode == 0 and proc.stdout.strip() == "20", proc.stderr[-2000:]
+
+
+def test_the_seam_is_documented():
+    """docs/reliability.md lists every patch (the table is written from PATCHES)."""
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    assert all(f"| `{name}` |" in text for name in patches.PATCHES)

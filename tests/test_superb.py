@@ -221,3 +221,21 @@ def test_demo_stage_rerun_on_recipe_change(tmp_path, monkeypatch):
                                in_process=True)
     assert result.stat().st_mtime_ns != stamp
     assert first["runs"]["er"]["lr"] == [1e-3] and second["runs"]["er"]["lr"] == [5e-3]
+
+
+def test_another_upstreams_results_are_never_replaced(tmp_path):
+    """An --out holding fbank's results refuses mfcc's; with --force fbank's move to previous-1/."""
+    manifest = synthesize_corpus(tmp_path / "corpus", utterances=40, speakers=4, seed=0, progress=False)
+    prepare_all(manifest, tmp_path / "data")
+    out = tmp_path / "r"
+    first = superb_run("fbank", None, tmp_path / "data", "er", "cpu-small", out, steps=2, in_process=True)
+    saved = (out / "results.json").read_text()
+    with pytest.raises(UserError, match=r"holds the results of another upstream, fbank; choose another --out"):
+        superb_run("mfcc", None, tmp_path / "data", "er", "cpu-small", out, steps=2, in_process=True)
+    assert (out / "results.json").read_text() == saved
+    second = superb_run("mfcc", None, tmp_path / "data", "er", "cpu-small", out, steps=2, in_process=True,
+                        force=True)
+    assert first["upstream"] == "fbank" and second["upstream"] == "mfcc"
+    assert (out / "previous-1" / "results.json").read_text() == saved
+    assert (out / "previous-1" / "er" / superb.RESULT_NAME).is_file()
+    assert json.loads((out / "results.json").read_text())["upstream"] == "mfcc"

@@ -387,21 +387,33 @@ def run_task(task: str, upstream: Upstream, opts: SuperbOptions) -> dict:
 RESULTS_NAME = "results.json"
 
 
-def guard_out(out_dir: Path, upstream: Upstream, force: bool) -> None:
-    """`out_dir` holds no other upstream's results (compared by identity: name, checkpoint and config
-    contents); with `force`, such results are moved aside into OUT/previous-N/, never removed."""
-    refuse_foreign_out(out_dir, MARKER_NAME, "s3prl-ekd superb", force)
+def _previous_upstream(out_dir: Path, upstream: Upstream) -> dict | None | bool:
+    """The identity of the upstream whose results `out_dir` holds if it is another one (None: one from an
+    earlier version of s3prl-ekd), False if there are none or they are `upstream`'s own."""
     results = out_dir / RESULTS_NAME
     if not results.is_file():
-        return
+        return False
     previous = json.loads(results.read_text()).get("upstream_identity")
-    if previous == upstream.identity():
-        return
-    if not force:
+    return False if previous == upstream.identity() else previous
+
+
+def check_out(out_dir: Path, upstream: Upstream, force: bool) -> None:
+    """`out_dir` is ours and holds no other upstream's results (compared by name and the contents of the
+    checkpoint and config), unless `force`."""
+    refuse_foreign_out(out_dir, MARKER_NAME, "s3prl-ekd superb", force)
+    previous = _previous_upstream(out_dir, upstream)
+    if previous is not False and not force:
         held = previous["name"] + (f" ({previous['ckpt']})" if previous and previous.get("ckpt") else "") \
             if previous else "an earlier version of s3prl-ekd"
         raise UserError(f"{out_dir}: holds the results of another upstream, {held}; choose another --out, or pass "
                         "--force to run here (the old results are then kept in previous-N/ beside the new ones)")
+
+
+def move_previous_aside(out_dir: Path, upstream: Upstream) -> None:
+    """Another upstream's results in `out_dir` (allowed by --force) go to OUT/previous-N/, never removed."""
+    previous = _previous_upstream(out_dir, upstream)
+    if previous is False:
+        return
     aside = next(out_dir / f"previous-{n}" for n in range(1, 10**6) if not (out_dir / f"previous-{n}").exists())
     aside.mkdir()
     for entry in list(out_dir.iterdir()):
@@ -427,6 +439,7 @@ def run_superb(upstream: Upstream, opts: SuperbOptions) -> dict:
     from s3prl_ekd.devices import resolve_device
 
     data_dir, out_dir = Path(opts.data_dir).resolve(), Path(opts.out_dir).resolve()
+    refuse_foreign_out(out_dir, MARKER_NAME, "s3prl-ekd superb", opts.force)
     names = parse_tasks(opts.tasks)
     device = resolve_device(opts.device)
     upstream = upstream.resolved()
@@ -450,7 +463,8 @@ def run_superb(upstream: Upstream, opts: SuperbOptions) -> dict:
                                lr_grid=grids, jobs=jobs)
     for task in names:
         recipe_config(task, opts.profile, load_prepared(data_dir, task), opts.steps)  # fail before training
-    guard_out(out_dir, upstream, opts.force)
+    check_out(out_dir, upstream, opts.force)
+    move_previous_aside(out_dir, upstream)
     claim_out(out_dir, MARKER_NAME, "s3prl-ekd superb")
     results = {"upstream": upstream.name, "tasks": {}, "upstream_ckpt": upstream.ckpt,
                "upstream_config": upstream.config, "upstream_identity": upstream.identity(),
