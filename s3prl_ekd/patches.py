@@ -538,6 +538,77 @@ def downstream_runner_hooks(get_upstream=None, evaluate=None, get_featurizer=Non
         yield
 
 
+def _asr_lstm_runs_packed() -> bool:
+    return "pack_padded_sequence(input_x" in "".join(_source("s3prl.downstream.asr.model", "RNNLayer").split())
+
+
+def _reversed_within(x, lengths):
+    """(B, T, D) -> the same with each sequence's first lengths[b] frames in reverse order (the rest kept)."""
+    import torch
+
+    steps = torch.arange(x.shape[1], device=x.device)[None, :]
+    ends = lengths.to(x.device)[:, None]
+    order = torch.where(steps < ends, ends - 1 - steps, steps)
+    return x.gather(1, order[..., None].expand(-1, -1, x.shape[2]))
+
+
+def bilstm_on_padded(lstm, x, lengths):
+    """A one-layer bidirectional batch-first nn.LSTM over zero-padded `x` (B, T, D) with `lengths` (B,),
+    computed as two unidirectional passes on padded input, the reverse one on each sequence reversed
+    within its length: what the packed call computes, -> (B, T, 2H) zero beyond each length. On CPU this
+    runs oneDNN's fused LSTM; packed sequences run one autograd step per frame."""
+    import torch
+
+    state = x.new_zeros(1, x.shape[0], lstm.hidden_size)
+    forward = torch._VF.lstm(x, (state, state), [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0,
+                                                  lstm.bias_hh_l0], True, 1, 0.0, lstm.training, False, True)[0]
+    backward = torch._VF.lstm(_reversed_within(x, lengths), (state, state),
+                              [lstm.weight_ih_l0_reverse, lstm.weight_hh_l0_reverse, lstm.bias_ih_l0_reverse,
+                               lstm.bias_hh_l0_reverse], True, 1, 0.0, lstm.training, False, True)[0]
+    valid = torch.arange(x.shape[1], device=x.device)[None, :, None] < lengths.to(x.device)[:, None, None]
+    return torch.cat([forward, _reversed_within(backward, lengths)], dim=-1) * valid
+
+
+def _bilstm_packed(lstm, packed, hx=None):
+    """nn.LSTM's call on a PackedSequence, through `bilstm_on_padded`: -> (PackedSequence, None)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    x, lengths = pad_packed_sequence(packed, batch_first=True)
+    out = bilstm_on_padded(lstm, x, lengths)
+    return pack_padded_sequence(out, lengths, batch_first=True, enforce_sorted=False), None
+
+
+@_patch("asr_lstm_unpacked", "the LSTM call inside s3prl.downstream.asr.model.RNNLayer.forward (CPU, one-layer "
+        "bidirectional LSTM)", "s3prl's ASR downstream runs its BLSTM on packed sequences, which PyTorch's CPU "
+        "implementation computes one autograd step per frame; two unidirectional passes on padded input (the "
+        "reverse one on each sequence reversed within its length) compute the same outputs with oneDNN's fused "
+        "kernel, 5-6x faster per training step (benchmarks/RESULTS.md, \"Demo recipes\"). Outputs and gradients "
+        "equal the packed call's within float32 rounding", "every stack, on CPU",
+        "tests/test_patches.py::test_unpacked_blstm_equals_the_packed_one", reason_holds=_asr_lstm_runs_packed)
+@contextlib.contextmanager
+def asr_lstm_unpacked() -> Iterator[None]:
+    import functools
+
+    import torch
+    from s3prl.downstream.asr import model
+
+    original = model.RNNLayer.forward
+
+    def forward(self, input_x, x_len):
+        lstm = self.layer
+        if not (isinstance(lstm, torch.nn.LSTM) and lstm.bidirectional and lstm.num_layers == 1
+                and lstm.batch_first and input_x.device.type == "cpu" and input_x.dtype == torch.float32):
+            return original(self, input_x, x_len)
+        lstm.forward = functools.partial(_bilstm_packed, lstm)
+        try:
+            return original(self, input_x, x_len)
+        finally:
+            del lstm.forward
+
+    with _replaced(model.RNNLayer, forward=forward):
+        yield
+
+
 # -- models -------------------------------------------------------------------------------------------
 
 @_patch("pos_conv_float32", "forward of each `pos_conv` module instance (s3prl's HuBERT, WavLM, DistillerModel)",

@@ -212,3 +212,30 @@ def test_the_seam_is_documented():
     """docs/reliability.md lists every patch (the table is written from PATCHES)."""
     text = (ROOT / "docs" / "reliability.md").read_text()
     assert all(f"| `{name}` |" in text for name in patches.PATCHES)
+
+
+@pytest.mark.parametrize("lengths", [[37, 50, 12, 50], [50, 50, 50, 50]])
+def test_unpacked_blstm_equals_the_packed_one(lengths):
+    """s3prl's ASR RNNLayer gives the same outputs, lengths and gradients with the BLSTM on padded input."""
+    import torch
+    from s3prl.downstream.asr.model import RNNLayer
+
+    torch.manual_seed(0)
+    layer = RNNLayer(8, "LSTM", True, 6, 0.0, False, 1, False)
+    x = torch.randn(4, 55, 8)  # padded beyond the longest, as s3prl's batches can be
+    lens = torch.tensor(lengths)
+
+    def run():
+        layer.zero_grad()
+        inputs = x.clone().requires_grad_()
+        out, out_len = layer(inputs, lens)
+        (out * torch.linspace(-1, 1, out.shape[1])[None, :, None]).sum().backward()
+        return out, out_len, inputs.grad, [p.grad.clone() for p in layer.parameters()]
+
+    reference = run()
+    with patches.asr_lstm_unpacked():
+        patched = run()
+    assert "forward" not in vars(layer.layer)  # undone after the call
+    assert torch.equal(reference[1], patched[1]) and reference[0].shape == patched[0].shape
+    for a, b in zip([reference[0], reference[2], *reference[3]], [patched[0], patched[2], *patched[3]]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)  # float32 sums over 200 frames

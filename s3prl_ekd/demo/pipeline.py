@@ -405,24 +405,22 @@ def run_demo(config: DemoConfig, out: str | os.PathLike = "results/demo", data: 
     else:
         teachers = shipped_teachers(config.teachers_dir)
 
+    # The teacher pass alone, on every core (torch's threads contend badly with other processes); then
+    # students, the baselines' SUPERB and each student's SUPERB share the cores as they become ready.
+    torch.set_num_threads(config.jobs)
+    try:
+        store = stage("target store", lambda: build_store(teachers, audio_dir, data / "store"))
+    finally:
+        torch.set_num_threads(1)
     baselines = {"fbank": Upstream("fbank")} if config.baselines else {}
     if config.baselines:
         baselines.update({f"teacher_{k}": Upstream(TEACHER_HUB[k], str(teachers[k])) for k in TEACHER_KINDS})
-    jobs = Jobs(store=1, students=config.jobs, superb=config.superb_jobs)
-    for name, upstream in baselines.items():  # they need no student: they run while the store and students do
+    jobs = Jobs(students=config.jobs, superb=config.superb_jobs)
+    for name, upstream in baselines.items():
         for seed in seeds(config):
             jobs.add(f"superb {name}-seed{seed}", "superb",
                      lambda u=upstream, s=seed, r=f"{name}-seed{seed}": superb_run(u, s, superb_data,
                                                                                     out / "superb" / r, config))
-
-    def store_job():
-        torch.set_num_threads(config.jobs)  # the teacher pass runs beside the baselines' SUPERB only
-        try:
-            return build_store(teachers, audio_dir, data / "store")
-        finally:
-            torch.set_num_threads(1)
-
-    jobs.add("store", "store", store_job)
     for name, spec in plan.items():
         for seed in seeds(config):
             run = f"{name}-seed{seed}"
@@ -433,14 +431,13 @@ def run_demo(config: DemoConfig, out: str | os.PathLike = "results/demo", data: 
                          after=inputs)
             else:
                 jobs.add(f"student {run}", "students",
-                         lambda store, r=run, sp=spec, s=seed: pretrain_student(r, sp, s, teachers, audio_dir, store,
-                                                                                out / "students", config),
-                         after=("store",))
+                         lambda r=run, sp=spec, s=seed: pretrain_student(r, sp, s, teachers, audio_dir, store,
+                                                                         out / "students", config))
             jobs.add(f"superb {run}", "superb",
                      lambda ckpt, r=run, s=seed: superb_run(Upstream("ekd_distiller", str(ckpt)), s, superb_data,
                                                             out / "superb" / r, config),
                      after=(f"student {run}",))
-    results = stage("store, students and SUPERB", jobs.wait)
+    results = stage("students and SUPERB", jobs.wait)
 
     upstreams = {**baselines}
     table_rows = [reporting.Row(name, reporting.BASELINE if name == "fbank" else reporting.TEACHER,

@@ -303,7 +303,7 @@ def s3prl_argv(args: argparse.Namespace) -> list[str]:
 def downstream_environment() -> Iterator[None]:
     """The patches every run of s3prl's downstream code needs here (s3prl_ekd.patches says why)."""
     with patches.soundfile_audio(), patches.voxceleb1_cache(), patches.isinstance_hack_once(), \
-            patches.ctc_loader_config_copy():
+            patches.ctc_loader_config_copy(), patches.asr_lstm_unpacked():
         yield
 
 
