@@ -664,6 +664,9 @@ def _known_warnings() -> list[KnownWarning]:
         KnownWarning(UserWarning, r"This overload of nonzero is deprecated", "torch, called by fairseq-style masking"),
         KnownWarning(FutureWarning, r"You are using `torch\.load` with `weights_only=False`",
                      "torch 2.4-2.5, called by s3prl"),
+        KnownWarning(UserWarning, r"Support for mismatched key_padding_mask and attn_mask is deprecated",
+                     "torch >= 2.0 (nn.functional.multi_head_attention_forward), called by s3prl's HuBERT / WavLM "
+                     "attention on padded batches"),
     ]
 
 
