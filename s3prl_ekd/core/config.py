@@ -64,11 +64,6 @@ class EKDConfig:
     """The model config (`-g`) of the `ekd_distiller` pretraining task. The defaults are the paper's
     method; `multi_head_residual`, `target_norm`, `teacher_weighting: uncertainty` and `init_from`
     are ways of combining teachers beyond it (core/aggregation.py, core/loss.py).
-
-    `target_norm_utterances`: with `target_norm: teacher_layer` and live teachers, the statistics
-    are computed over up to this many training utterances (evenly spaced over the sorted file
-    list) when training starts; 0 = every utterance. A target store brings its own statistics
-    (over all its audio), and a resumed run reuses its checkpoint's.
     """
 
     teachers: list[TeacherConfig]
@@ -78,8 +73,8 @@ class EKDConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     # teacher_layer: every teacher layer is standardised per feature (mean and std over the training
     # audio) before targets are made. Statistics come from the target store, or, with live teachers,
-    # from running them over up to `target_norm_utterances` training utterances when training starts
-    # (0 = all of them); a resumed run reuses the checkpoint's.
+    # from running them over up to `target_norm_utterances` training utterances (evenly spaced over the
+    # sorted file list; 0 = all of them) when training starts; a resumed run reuses the checkpoint's.
     target_norm: Literal["none", "teacher_layer"] = "none"
     target_norm_utterances: int = 2000
     # fixed: head set s is weighted by the teachers' `weight`s; uncertainty: by exp(-s_s), a learned
