@@ -221,5 +221,6 @@ def test_wrong_input_is_one_line_and_changes_nothing(world, case):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(errors) == 1 and proc.stderr.rstrip().splitlines()[-1] == errors[0], proc.stderr[-3000:]
     assert case.expect in errors[0], errors[0]
+    print(f"\n[{case.name}] {errors[0]}")  # the lines a user sees: `pytest -s tests/test_bad_inputs.py`
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     assert not changed, f"written, replaced or removed: {changed[:10]}"
