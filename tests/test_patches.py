@@ -192,6 +192,8 @@ def test_tiny_pretrain_is_quiet(tiny_runs):
     assert warning_lines(quiet) == [], warning_lines(quiet)
     assert "\r" not in quiet and "ESPnet is not installed" not in quiet
     assert len(warning_lines(verbose)) >= 3  # the same run, unfiltered
+    print(f"\nwarning lines of a 20-step tiny pretraining: {len(warning_lines(quiet))} by default, "
+          f"{len(warning_lines(verbose))} with -v:", *warning_lines(verbose), sep="\n")
 
 
 def test_checkpoint_names_s3prl_optimizers(tiny_runs):
