@@ -157,6 +157,7 @@ def test_one_utterance_gives_the_upstream_hidden_states(name, checkpoints, folde
         assert len(got) == len(expected) == 1 + model.config.num_hidden_layers
         differences = [float((a - b).abs().max()) for a, b in zip(expected, got)]
         assert max(differences) <= TOLERANCE, differences
+        print(f"\n{name}, {len(wav) / 16000:.1f} s alone: largest difference per state", differences)
     # hidden_states[0] is not our state 0: it is after the positional convolution and layer norm
     with torch.no_grad():
         first = model(speech[-1][None], output_hidden_states=True).hidden_states[0]
@@ -173,7 +174,9 @@ def test_padded_batch_of_a_layer_norm_student_gives_the_upstream_batch(checkpoin
         expected = upstream(speech)["hidden_states"]
     frames = frame_counts(speech, checkpoints["layer_norm"])
     assert len(set(frames)) == 3
-    assert max(largest_differences(expected, got, frames)) <= TOLERANCE
+    differences = largest_differences(expected, got, frames)
+    assert max(differences) <= TOLERANCE
+    print("\nlayer_norm, padded batch of three: largest difference per state", differences)
 
 
 def test_padded_batch_of_a_group_norm_student_gives_its_padded_forward(checkpoints, folders, speech):
@@ -190,7 +193,9 @@ def test_padded_batch_of_a_group_norm_student_gives_its_padded_forward(checkpoin
         upstream = hubconf.ekd_distiller(ckpt=str(checkpoints["demo"])).eval()
         assert upstream.length_dependent_cnn
         expected = upstream(speech)["hidden_states"]  # one utterance at a time inside
-    assert max(largest_differences(padded, got, frames)) <= TOLERANCE
+    differences = largest_differences(padded, got, frames)
+    assert max(differences) <= TOLERANCE
+    print("\ndemo, padded batch of three with attention_mask: largest difference per state", differences)
     assert max(largest_differences(expected, got, frames)) > 1e-2  # padding changed the shorter utterances
     one_at_a_time = [hf_export.hubert_hidden_states(model, w[None]) for w in speech]
     stacked = [pad_sequence([states[k][0] for states in one_at_a_time], batch_first=True) for k in range(len(got))]
@@ -256,6 +261,8 @@ print("loaded", sorted(n for n in sys.modules if n.split(".")[0] in ("s3prl_ekd"
         for mine, theirs in zip(expected[name], got[name], strict=True):
             assert len(mine) == len(theirs) == 3
             assert max(float((a - b).abs().max()) for a, b in zip(mine, theirs)) <= TOLERANCE
+        per_state = [max(float((m[k] - t[k]).abs().max()) for m, t in zip(expected[name], got[name])) for k in range(3)]
+        print(f"\nfresh process ({proc.stdout.strip()}), {name}: largest difference per state", per_state)
 
 
 # --- heads and card ------------------------------------------------------------------------------
