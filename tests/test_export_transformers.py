@@ -258,10 +258,10 @@ print("loaded", sorted(n for n in sys.modules if n.split(".")[0] in ("s3prl_ekd"
     assert "loaded []" in proc.stdout
     got = torch.load(tmp_path / "states.pt", weights_only=True)
     for name in names:
-        for mine, theirs in zip(expected[name], got[name], strict=True):
-            assert len(mine) == len(theirs) == 3
-            assert max(float((a - b).abs().max()) for a, b in zip(mine, theirs)) <= TOLERANCE
-        per_state = [max(float((m[k] - t[k]).abs().max()) for m, t in zip(expected[name], got[name])) for k in range(3)]
+        pairs = list(zip(expected[name], got[name], strict=True))  # per utterance: (ours, theirs)
+        assert all(len(mine) == len(theirs) == 3 for mine, theirs in pairs)
+        per_state = [max(float((mine[k] - theirs[k]).abs().max()) for mine, theirs in pairs) for k in range(3)]
+        assert max(per_state) <= TOLERANCE
         print(f"\nfresh process ({proc.stdout.strip()}), {name}: largest difference per state", per_state)
 
 
