@@ -201,7 +201,7 @@ def test_holm_keeps_only_what_survives_every_comparison():
     top = reporting.best(table)
     assert top["combination"] == "ekd_x" and top["single"] == "distil_y"
     text = reporting.verdict(table, pairs, top)
-    assert "better on sid, worse on pr" in text and "not separable on pr_noisy, er, asr" in text
+    assert "better on SID acc, worse on PER," in text and "not separable on PER noisy, ER acc, WER" in text
 
     # A small edge (54 vs 50 of 100, all else equal): p well above 0.05 / 5, not separable under Holm.
     close = reporting.Row("ekd_z", reporting.COMBINATION, [student(54, 60, 2)])

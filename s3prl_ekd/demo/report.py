@@ -135,7 +135,8 @@ def verdict(table_rows: list[dict], pairs: list[dict], top: dict) -> str:
         return "The comparison needs at least one combination and one single-teacher student."
     combo, single = top["combination"], top["single"]
     mine = {p["task"]: p for p in pairs if p["a"] == combo and p["b"] == single}
-    counts = {v: [t for t in COLUMNS if mine[t]["verdict"] == v] for v in ("better", "worse", "not separable")}
+    counts = {v: [TASK_METRICS[t][1] for t in COLUMNS if mine[t]["verdict"] == v]
+              for v in ("better", "worse", "not separable")}
     seeds = table_rows[0]["seeds"]
     lines = [f"Best combination by mean rank over the five columns: {combo} ({top['mean_rank'][combo]}); best "
              f"single-teacher student: {single} ({top['mean_rank'][single]}).",
