@@ -70,6 +70,31 @@ def test_demo_smoke_then_rerun_from_disk(tmp_path):
     assert again["rows"] == report["rows"] and again["comparisons"] == report["comparisons"]
 
 
+def test_a_student_trained_for_another_out_is_reused_with_its_superb_runs(tmp_path):
+    """`make demo COMPARE=1` after `make demo`: a student with identical inputs (same data folder) is not
+    trained again, its SUPERB tasks are not run again, and the report says where it came from; once that
+    student's key no longer matches (its folder was rerun with other settings), it is trained anew."""
+    config = tiny_config(students=["distil_wavlm"])
+    first = run_demo(config, tmp_path / "a", tmp_path / "data", progress=False)
+    ckpt = next((tmp_path / "a" / "students" / "distil_wavlm-seed0").glob("states-*.ckpt"))
+    assert first["reused"] == []
+
+    second = run_demo(config, tmp_path / "b", tmp_path / "data", progress=False)
+    assert second["reused"] == [str(ckpt)]
+    assert not (tmp_path / "b" / "students" / "distil_wavlm-seed0").exists()
+    assert second["rows"] == first["rows"]
+    for task in ("pr", "sid", "er", "asr"):  # the copied results, found up to date: same times, same scores
+        done = [json.loads((tmp_path / out / "superb" / "distil_wavlm-seed0" / task / "task_result.json").read_text())
+                for out in ("a", "b")]
+        assert done[1] == done[0]
+    assert f"`{ckpt}`" in (tmp_path / "b" / "report.md").read_text()
+
+    (tmp_path / "a" / "students" / "distil_wavlm-seed0.key").write_text("trained with other settings since")
+    third = run_demo(config, tmp_path / "c", tmp_path / "data", progress=False)
+    assert third["reused"] == []
+    assert list((tmp_path / "c" / "students" / "distil_wavlm-seed0").glob("states-*.ckpt"))
+
+
 def test_retrained_teachers_follow_the_recipe_and_are_kept(tmp_path, monkeypatch):
     """--retrain-teachers: the recipe's own corpus (shrunk here) and seed; a second call trains nothing."""
     from s3prl_ekd.demo import pipeline, teacher_training

@@ -106,3 +106,19 @@ def test_python_floor_covers_every_locked_package():
             needed.append((_floor(meta["Requires-Python"])[:2], name))
     assert needed, "no pinned package found in this environment"
     assert floor[:2] >= max(needed)[0], f"python_requires {floor} is below {max(needed)}"
+
+
+def test_subprocesses_get_huge_page_tensors_unless_the_caller_says_otherwise(tmp_path, monkeypatch):
+    """run_logged (demo students, SUPERB runs) turns on PyTorch's huge-page CPU allocations, measured to cut a
+    student's CPU time with bit-identical results; a value in the caller's environment wins."""
+    import sys
+
+    from s3prl_ekd.io.processes import run_logged
+
+    show = [sys.executable, "-c", "import os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'), os.environ['OMP_NUM_THREADS'])"]
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    run_logged(show, tmp_path / "default.log", "show", threads=1)
+    assert (tmp_path / "default.log").read_text().split() == ["1", "1"]
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    run_logged(show, tmp_path / "own.log", "show", threads=2)
+    assert (tmp_path / "own.log").read_text().split() == ["0", "2"]

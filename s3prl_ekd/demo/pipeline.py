@@ -9,7 +9,9 @@ Students train while the baselines' SUPERB runs, and each student's SUPERB start
 trained: the two cores never wait for a stage boundary. Every step is keyed by its own inputs (the
 corpus by its parameters, prepare and superb by the content of their inputs and recipes, the store
 by teachers and audio, a student by its whole model and runner config and seed): re-running
-answers from disk what has not changed, and an interrupted run resumes.
+answers from disk what has not changed, and an interrupted run resumes. A student that another --out
+folder already trained from the same data folder with identical inputs is reused from there, with its
+SUPERB runs (`make demo COMPARE=1` after `make demo`: the five seed-0 students); the report names them.
 """
 
 from __future__ import annotations
@@ -229,10 +231,33 @@ def _keyed(key_file: Path, key: str) -> bool:
     return key_file.is_file() and key_file.read_text() == key
 
 
+def trained_elsewhere(ledger: Path, key: str) -> Path | None:
+    """The checkpoint of a student with this key that a demo with another --out trained (from the same
+    data folder), if it is still there and unchanged: its key file still holds `key`."""
+    entry = ledger / f"{key}.json"
+    if not entry.is_file():
+        return None
+    saved = json.loads(entry.read_text())
+    checkpoint = Path(saved["checkpoint"])
+    return checkpoint if checkpoint.is_file() and _keyed(Path(saved["key_file"]), key) else None
+
+
+def adopt_superb(checkpoint: Path, run: str, out: Path) -> None:
+    """For a student reused from another --out folder: copy that folder's SUPERB results of the run into
+    `out` (if `out` has none), so that `s3prl-ekd superb` there finds its tasks done. It checks every task
+    against the upstream, recipe, data and options, and runs again whatever differs."""
+    import shutil
+
+    earlier = checkpoint.parents[2] / "superb" / run  # <out>/students/<run>/<checkpoint>
+    if earlier.is_dir() and not out.exists():
+        shutil.copytree(earlier, out, symlinks=True)
+
+
 def pretrain_student(run: str, spec: StudentSpec, seed: int, teachers: dict[str, Path], audio_dir: Path,
-                     store: Path, work: Path, config: DemoConfig) -> Path:
+                     store: Path, work: Path, config: DemoConfig, ledger: Path) -> Path:
     """Distil one student from the store with `s3prl-ekd pretrain` (s3prl's runner); idempotent per its
-    whole configuration and seed. Returns its final checkpoint."""
+    whole configuration and seed, in `work` and across demos that share `ledger` (the data folder's list of
+    trained students). Returns its final checkpoint."""
     from s3prl_ekd.io.checkpoint import newest_checkpoint
 
     work.mkdir(parents=True, exist_ok=True)
@@ -248,15 +273,20 @@ def pretrain_student(run: str, spec: StudentSpec, seed: int, teachers: dict[str,
     store_index = json.loads((store / "index.json").read_text())
     key = fingerprint(model, overrides, seed, store_index["teachers"], store_index["utterances"])
     found = newest_checkpoint(expdir) if expdir.is_dir() else None
-    if found is not None and _keyed(work / f"{run}.key", key):
-        return found
-    model_path = atomic_write_text(work / f"{run}.yaml", yaml.safe_dump(model, sort_keys=False))
-    command = s3prl_ekd_command("pretrain", "-g", str(model_path), "-c", str(pretrain_config("tiny_cpu_runner.yaml")),
-                                "-p", str(expdir), "--device", "cpu", "--seed", str(seed), "-o", ",,".join(overrides),
-                                "--force")
-    run_logged(command, work / f"{run}.log", f"pretraining {run}", threads=1)
-    atomic_write_text(work / f"{run}.key", key)
-    return newest_checkpoint(expdir)
+    if found is None or not _keyed(work / f"{run}.key", key):
+        earlier = trained_elsewhere(ledger, key)
+        if earlier is not None:
+            print(f"[demo] {run}: the same student was trained for another --out; reusing {earlier}", flush=True)
+            return earlier
+        model_path = atomic_write_text(work / f"{run}.yaml", yaml.safe_dump(model, sort_keys=False))
+        command = s3prl_ekd_command("pretrain", "-g", str(model_path), "-c",
+                                    str(pretrain_config("tiny_cpu_runner.yaml")), "-p", str(expdir), "--device", "cpu",
+                                    "--seed", str(seed), "-o", ",,".join(overrides), "--force")
+        run_logged(command, work / f"{run}.log", f"pretraining {run}", threads=1)
+        atomic_write_text(work / f"{run}.key", key)
+        found = newest_checkpoint(expdir)
+    atomic_write_json(ledger / f"{key}.json", {"checkpoint": str(found), "key_file": str(work / f"{run}.key")})
+    return found
 
 
 def merge_students(run: str, inputs: list[Path], work: Path) -> Path:
@@ -415,6 +445,8 @@ def run_demo(config: DemoConfig, out: str | os.PathLike = "results/demo", data: 
     baselines = {"fbank": Upstream("fbank")} if config.baselines else {}
     if config.baselines:
         baselines.update({f"teacher_{k}": Upstream(TEACHER_HUB[k], str(teachers[k])) for k in TEACHER_KINDS})
+    ledger = data / "students"  # every student trained from this data folder, by key, whatever its --out
+    ledger.mkdir(parents=True, exist_ok=True)
     jobs = Jobs(students=config.jobs, superb=config.superb_jobs)
     for name, upstream in baselines.items():
         for seed in seeds(config):
@@ -432,11 +464,14 @@ def run_demo(config: DemoConfig, out: str | os.PathLike = "results/demo", data: 
             else:
                 jobs.add(f"student {run}", "students",
                          lambda r=run, sp=spec, s=seed: pretrain_student(r, sp, s, teachers, audio_dir, store,
-                                                                         out / "students", config))
-            jobs.add(f"superb {run}", "superb",
-                     lambda ckpt, r=run, s=seed: superb_run(Upstream("ekd_distiller", str(ckpt)), s, superb_data,
-                                                            out / "superb" / r, config),
-                     after=(f"student {run}",))
+                                                                         out / "students", config, ledger))
+
+            def superb_student(ckpt: Path, r=run, s=seed):
+                if not ckpt.is_relative_to(out):
+                    adopt_superb(ckpt, r, out / "superb" / r)
+                return superb_run(Upstream("ekd_distiller", str(ckpt)), s, superb_data, out / "superb" / r, config)
+
+            jobs.add(f"superb {run}", "superb", superb_student, after=(f"student {run}",))
     results = stage("students and SUPERB", jobs.wait)
 
     upstreams = {**baselines}
@@ -448,7 +483,9 @@ def run_demo(config: DemoConfig, out: str | os.PathLike = "results/demo", data: 
                                         description=spec.description))
     for row in table_rows:
         row.params = count_parameters(upstreams[row.name])
-    report = stage("report", lambda: make_report(config, table_rows, test_utterances, teachers))
+    reused = sorted(str(ckpt) for name, ckpt in results.items()
+                    if name.startswith("student ") and not Path(ckpt).is_relative_to(out))
+    report = stage("report", lambda: make_report(config, table_rows, test_utterances, teachers, reused))
     report["stage_seconds"] = seconds
     report["job_seconds"] = dict(sorted(jobs.seconds.items()))
     atomic_write_json(out / "report.json", report)
@@ -457,13 +494,14 @@ def run_demo(config: DemoConfig, out: str | os.PathLike = "results/demo", data: 
               for k in TEACHER_KINDS if loss_curve_path(teachers[k]).is_file()}
     for name, spec in plan.items():
         if not spec.merge_of:
-            curves[name] = read_scalars(out / "students" / f"{name}-seed{config.seed}").get(
+            curves[name] = read_scalars(Path(results[f"student {name}-seed{config.seed}"]).parent).get(
                 "ekd_distiller/train-loss", [])
     reporting.plot(report, out, curves)
     return report
 
 
-def make_report(config: DemoConfig, rows: list[reporting.Row], test_utterances: int, teachers: dict) -> dict:
+def make_report(config: DemoConfig, rows: list[reporting.Row], test_utterances: int, teachers: dict,
+                reused: list[str] = ()) -> dict:
     table = reporting.table(rows, config.bootstrap, config.seed)
     pairs = reporting.comparisons(rows, config.bootstrap, config.seed)
     top = reporting.best(table)
@@ -474,10 +512,12 @@ def make_report(config: DemoConfig, rows: list[reporting.Row], test_utterances: 
                f"{config.init_teacher} teacher's CNN (frozen) and first layers; downstream profile {config.profile}, "
                f"learning rates picked on dev from {lr}, training stopped after {config.early_stop} evaluations "
                "without a better dev metric.")
-    return {"title": f"{config.mode}, seed {config.seed}", "setting": setting, "config": asdict(config),
+    runs = seeds(config)
+    title = f"{config.mode}, seed {runs[0]}" if len(runs) == 1 else f"{config.mode}, seeds {runs[0]}-{runs[-1]}"
+    return {"title": title, "setting": setting, "config": asdict(config),
             "tasks": reporting.COLUMNS, "test_utterances": test_utterances, "rows": table, "comparisons": pairs,
             "best": top, "verdict": reporting.verdict(table, pairs, top), "init_teacher": config.init_teacher,
-            "teachers": {k: str(v) for k, v in teachers.items()}}
+            "teachers": {k: str(v) for k, v in teachers.items()}, "reused": list(reused)}
 
 
 def register_cli(subparsers) -> None:

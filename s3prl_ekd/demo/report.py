@@ -175,6 +175,9 @@ def markdown(report: dict) -> str:
     described = [r for r in rows if r["description"]]
     if described:
         lines += ["Rows:", ""] + [f"- {r['name']}: {r['description']}" for r in described] + [""]
+    if report.get("reused"):
+        lines += ["Students trained with identical inputs for another --out folder, reused with their SUPERB "
+                  "results: " + ", ".join(f"`{path}`" for path in report["reused"]) + ".", ""]
     lines += ["## Verdict", "", report["verdict"], ""]
     if report["best"]:
         lines += ["Mean rank over the five columns (1 = best), among the students: " + ", ".join(
