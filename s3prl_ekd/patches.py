@@ -514,7 +514,8 @@ def _downstream_has_no_early_stop() -> bool:
 
 
 @_patch("downstream_savings", "s3prl.downstream.runner.Runner._get_upstream, .evaluate, ._get_featurizer and "
-        "the module's SummaryWriter", "`--memoize-upstream` (a frozen upstream runs once per utterance) and "
+        "the module's SummaryWriter", "`--memoize-upstream` (a frozen upstream runs once per utterance), "
+        "`--share-cnn-features` (an ekd_distiller CNN's output per utterance shared by processes) and "
         "`--early-stop` (stop when dev stops improving), which s3prl's downstream runner does not offer",
         "every stack (opt-in flags of `s3prl-ekd downstream`)",
         "tests/test_downstream.py::test_early_stop_and_memoized_run_through_run_downstream",

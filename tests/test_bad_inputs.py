@@ -197,6 +197,9 @@ CASES = [
         "--device", "cpu"], "users_folder: holds files that are not a target store"),
     Case("demo into a user's folder", lambda w: ["demo", "--out", w.p("users_folder"), "--data", w.p("demo_data")],
          "holds files that `s3prl-ekd demo` did not write"),
+    Case("a file as the shared CNN-features folder", lambda w: [
+        "downstream", "-m", "train", "-u", "fbank", "-d", "emotion", "-n", "d1", "--device", "cpu",
+        "--share-cnn-features", w.p("notes.txt")], "notes.txt: is a file; give a folder (made if missing)"),
     Case("inspect on a text file", lambda w: ["inspect", w.p("notes.txt")],
          "notes.txt: cannot read as a torch checkpoint"),
 ]

@@ -52,6 +52,9 @@ def test_demo_smoke_then_rerun_from_disk(tmp_path):
     assert "ekd_average against distil_wavlm" in saved["verdict"] and "Holm-corrected over all 5" in saved["verdict"]
     for name in ("report.md", "loss_curves.png", "metrics.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+    # Both students' CNN is the robust teacher's, frozen: one shared folder of CNN outputs.
+    shared = list((tmp_path / "data" / "cnn-features").iterdir())
+    assert len(shared) == 1 and list(shared[0].glob("*.npy"))
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "| ekd_average | combination |" in markdown and "## Verdict" in markdown
     assert "starting from the robust_hubert teacher's CNN" in markdown

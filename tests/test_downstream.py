@@ -140,3 +140,54 @@ def test_in_process_runs_wrap_isinstance_once():
         assert builtins.isinstance is wrapped
     finally:
         builtins.isinstance = original
+
+
+def test_shared_cnn_features_are_the_computed_ones_bit_for_bit(tmp_path, monkeypatch):
+    """--share-cnn-features: the first run writes a CNN's output per utterance, later runs (other
+    processes, other students with the same CNN) read exactly that tensor; another CNN gets its own
+    folder; a damaged file is computed and written again."""
+    from s3prl_ekd.core.student import EKDStudent, ekd_student_demo
+
+    torch.manual_seed(0)
+    cnn = EKDStudent(ekd_student_demo(feature_grad_mult=0.0), [32], 1).backbone.feature_extractor.eval()
+    wave = torch.randn(1, 8000)
+    with torch.no_grad():
+        expected = cnn(wave)
+        first = downstream.SharedCNNFeatures(tmp_path)(cnn, wave)
+        files = list(tmp_path.glob("*/*.npy"))
+        assert torch.equal(first, expected) and len(files) == 1
+
+        def not_again(*_):
+            raise AssertionError("computed again instead of read")
+
+        monkeypatch.setattr(type(cnn), "forward", not_again)
+        assert torch.equal(downstream.SharedCNNFeatures(tmp_path)(cnn, wave), expected)  # a fresh reader
+        monkeypatch.undo()
+        files[0].write_bytes(files[0].read_bytes()[:100])  # cut short
+        assert torch.equal(downstream.SharedCNNFeatures(tmp_path)(cnn, wave), expected)
+        assert files[0].stat().st_size > 100
+        other = EKDStudent(ekd_student_demo(feature_grad_mult=0.0), [32], 1).backbone.feature_extractor.eval()
+        downstream.SharedCNNFeatures(tmp_path)(other, wave)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_student_takes_shared_cnn_features_only_for_one_utterance_without_gradients():
+    from s3prl_ekd.core.student import EKDStudent, ekd_student_demo
+
+    torch.manual_seed(0)
+    student = EKDStudent(ekd_student_demo(feature_grad_mult=0.0), [32], 1).eval()
+    calls = []
+
+    def lookup(cnn, wave):
+        calls.append(tuple(wave.shape))
+        return cnn(wave)
+
+    one, two = torch.randn(1, 8000), torch.randn(2, 8000)
+    with torch.no_grad():
+        plain = student(one, torch.tensor([8000])).hidden_states
+        student.cnn_features = lookup
+        shared = student(one, torch.tensor([8000])).hidden_states
+        student(two, torch.tensor([8000, 8000]))
+    student(one, torch.tensor([8000]))  # gradients on: training, never from a lookup
+    assert calls == [(1, 8000)]
+    assert all(torch.equal(a, b) for a, b in zip(plain, shared))

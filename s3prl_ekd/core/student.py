@@ -119,6 +119,9 @@ class EKDStudent(nn.Module):
             inter_dims[1:] = [config.residual_inter_dim or max(1, inter_dim // 4)] * (len(head_dims) - 1)
         self.heads = nn.ModuleList(
             PredictionHeads(config.encoder_embed_dim, inter, num_targets, dim) for inter, dim in zip(inter_dims, head_dims))
+        # (cnn, wave (1, S)) -> (1, C, T): the CNN's output looked up elsewhere instead of computed, for one
+        # utterance without gradients (`s3prl-ekd downstream --share-cnn-features`); None computes it.
+        self.cnn_features = None
 
     @property
     def downsample_rate(self) -> int:
@@ -136,7 +139,9 @@ class EKDStudent(nn.Module):
 
     def forward(self, wave: torch.Tensor, wave_lengths: torch.Tensor, predict: bool = True) -> StudentOutput:
         """wave: (B, S) zero-padded, wave_lengths: (B,) -> StudentOutput."""
-        if self.backbone.feature_grad_mult > 0:
+        if self.cnn_features is not None and wave.shape[0] == 1 and not torch.is_grad_enabled():
+            features = self.cnn_features(self.backbone.feature_extractor, wave)
+        elif self.backbone.feature_grad_mult > 0:
             features = self.backbone.feature_extractor(wave)        # (B, C, T)
             if self.backbone.feature_grad_mult != 1.0:
                 features = GradMultiply.apply(features, self.backbone.feature_grad_mult)

@@ -305,10 +305,13 @@ def merge_students(run: str, inputs: list[Path], work: Path) -> Path:
 
 def superb_run(upstream: Upstream, seed: int, data: Path, out: Path, config: DemoConfig) -> dict:
     """`s3prl-ekd superb` for one upstream and downstream seed in its own process, every task and learning
-    rate run there one after another, sharing the memoised upstream states (idempotent per task)."""
+    rate run there one after another, sharing the memoised upstream states (idempotent per task). Every
+    student's CNN is the init teacher's, frozen: its output per utterance is computed by the first SUPERB
+    run that needs it and read by the others (DATA/../cnn-features)."""
     args = ["superb", *upstream.argv(), "--data", str(data), "--tasks", ",".join(reporting.TRAINED_TASKS),
             "--profile", config.profile, "--out", str(out), "--seed", str(seed), "--threads", "1", "--in-process",
-            "--device", "cpu", "--early-stop", str(config.early_stop), "--memoize-upstream", str(config.memoize_gib)]
+            "--device", "cpu", "--early-stop", str(config.early_stop), "--memoize-upstream", str(config.memoize_gib),
+            "--share-cnn-features", str(data.parent / "cnn-features")]
     for task, rates in config.lr_grid.items():
         args += ["--lr-grid", f"{task}=" + ",".join(f"{lr:g}" for lr in rates)]
     if config.superb_steps is not None:

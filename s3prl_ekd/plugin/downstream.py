@@ -8,6 +8,10 @@ savings that leave s3prl's training itself unchanged:
   its features do not depend on what it is batched with.
 - `--early-stop N`: stop when N evaluations in a row did not improve the dev metric (the expert's
   own best-checkpoint decision); `early_stop.json` in the experiment folder says when and why.
+- `--share-cnn-features DIR`: an ekd_distiller upstream's CNN output of each utterance run alone is
+  kept in DIR, by the CNN's weights and the audio, and read back by any process that runs the same CNN
+  on the same audio: the demo's students all copy one teacher's frozen CNN, and on CPU that CNN is
+  most of an upstream pass.
 
 Before s3prl starts: the device (default: cuda when available), the upstream name, -k / -g files,
 the downstream expert, and -c (default: the recipe s3prl-ekd ships for the task, since s3prl's wheel
@@ -20,6 +24,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
 import runpy
 from pathlib import Path
 from typing import Iterator
@@ -94,15 +99,54 @@ class MemoizedUpstream(nn.Module):
         return {"hidden_states": hidden, "last_hidden_state": hidden[-1]}
 
 
+class SharedCNNFeatures:
+    """(cnn, wave (1, S)) -> (1, C, T) float32: the CNN's output for one utterance, read from
+    FOLDER/<digest of the CNN's layout and weights>/<digest of the audio>.npy when some process wrote it
+    there, else computed and written (atomically: processes share the folder). np.save / np.load keep
+    every bit, so a read is the computed tensor itself."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.subfolders: dict[int, Path] = {}
+
+    def _subfolder(self, cnn: nn.Module) -> Path:
+        if id(cnn) not in self.subfolders:  # the CNN is frozen while a run uses it: one digest per module
+            h = hashlib.blake2b(repr(cnn).encode(), digest_size=16)
+            for name, tensor in sorted(cnn.state_dict().items()):
+                h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+                h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            self.subfolders[id(cnn)] = self.folder / h.hexdigest()
+            self.subfolders[id(cnn)].mkdir(parents=True, exist_ok=True)
+        return self.subfolders[id(cnn)]
+
+    def __call__(self, cnn: nn.Module, wave: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        path = self._subfolder(cnn) / f"{_digest(wave)}.npy"
+        try:
+            return torch.from_numpy(np.load(path)).to(wave.device)
+        except (OSError, ValueError, EOFError):  # not written yet, or damaged: computed (and written) again
+            pass
+        features = cnn(wave)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, features.detach().cpu().numpy())
+        os.replace(tmp, path)
+        return features
+
+
 class EarlyStop(Exception):
     """Raised out of s3prl's training loop when the dev metric stopped improving: at the start of
     the step after the evaluation that decided it, so that step's checkpoints are saved first."""
 
 
 @contextlib.contextmanager
-def downstream_savings(memoize_gib: float | None, patience: int | None, expdir_of) -> Iterator[None]:
-    """Memoisation and early stopping in s3prl's downstream Runner, for the block."""
+def downstream_savings(memoize_gib: float | None, patience: int | None, expdir_of,
+                       cnn_features: str | None = None) -> Iterator[None]:
+    """Memoisation, shared CNN features and early stopping in s3prl's downstream Runner, for the block."""
     from s3prl.downstream import runner as downstream_runner
+
+    from s3prl_ekd.core.student import EKDStudent
 
     writers = []
 
@@ -113,6 +157,9 @@ def downstream_savings(memoize_gib: float | None, patience: int | None, expdir_o
 
     def get_upstream(original, self):
         entry = original(self)
+        student = getattr(entry.model, "student", None)
+        if cnn_features and not entry.trainable and isinstance(student, EKDStudent):
+            student.cnn_features = SharedCNNFeatures(cnn_features)
         if memoize_gib and not entry.trainable:
             identity = json.dumps([self.args.upstream, self.args.upstream_ckpt, self.args.upstream_model_config])
             entry.model = MemoizedUpstream(entry.model, int(memoize_gib * 2**30), identity)
@@ -195,6 +242,9 @@ def add_downstream_arguments(parser: argparse.ArgumentParser) -> None:
                      help="keep up to GIB of the frozen upstream's hidden states, computed once per utterance")
     own.add_argument("--early-stop", type=int, metavar="N",
                      help="stop after N evaluations without a better dev metric")
+    own.add_argument("--share-cnn-features", metavar="DIR",
+                     help="keep an ekd_distiller upstream's CNN output per utterance in DIR, for every process that "
+                          "runs the same CNN on the same audio (with --memoize-upstream, which runs utterances alone)")
 
 
 PASSED = ("mode", "evaluate_split", "override", "backend", "local_rank", "past_exp", "init_ckpt", "config",
@@ -244,6 +294,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--early-stop {args.early_stop}: use a number of evaluations >= 1")
     if args.memoize_upstream is not None and args.memoize_upstream <= 0:
         raise ConfigError(f"--memoize-upstream {args.memoize_upstream}: use a positive number of GiB")
+    if args.share_cnn_features and Path(args.share_cnn_features).exists() \
+            and not Path(args.share_cnn_features).is_dir():
+        raise ConfigError(f"--share-cnn-features {args.share_cnn_features}: is a file; give a folder (made if missing)")
     resuming = args.past_exp is not None or args.auto_resume
     if args.past_exp is not None and not Path(args.past_exp).exists():
         raise CheckpointError(f"-e {args.past_exp}: no such checkpoint or folder")
@@ -308,13 +361,14 @@ def downstream_environment() -> Iterator[None]:
 
 
 def run_downstream(args: argparse.Namespace | list[str]) -> int:
-    """s3prl's run_downstream.py for `args` (parsed, or a command line), plus our two flags."""
+    """s3prl's run_downstream.py for `args` (parsed, or a command line), plus our own flags."""
     if isinstance(args, list):
         args = parse_downstream_args(args)
     check_args(args)
     script = installed_s3prl_dir() / "run_downstream.py"
     expdir = args.expdir or (f"result/downstream/{args.expname}" if args.expname else None)
-    with downstream_environment(), downstream_savings(args.memoize_upstream, args.early_stop, lambda: expdir), \
+    savings = downstream_savings(args.memoize_upstream, args.early_stop, lambda: expdir, args.share_cnn_features)
+    with downstream_environment(), savings, \
             patches.script_context(script, s3prl_argv(args), cwd=Path.cwd(), path=[script.parent]), \
             checkpoint.runner_checkpoints_allowed():
         runpy.run_path(str(script), run_name="__main__")

@@ -181,6 +181,7 @@ class SuperbOptions:
     jobs: int | None = None             # tasks at once (default: CPU cores / threads on CPU, 1 on GPU)
     force: bool = False                 # re-run identical tasks; replace another upstream's results (kept aside)
     progress: bool = True
+    cnn_features: str | None = None     # share an ekd_distiller CNN's output per utterance through this folder
 
 
 def run_logged(argv: list[str], log: Path, task: str, opts: SuperbOptions) -> str:
@@ -266,6 +267,8 @@ def train_once(task: str, config: dict, expdir: Path, upstream: Upstream, opts: 
         argv += ["--early-stop", str(opts.early_stop)]
     if opts.memoize_gib:
         argv += ["--memoize-upstream", str(opts.memoize_gib)]
+    if opts.cnn_features:
+        argv += ["--share-cnn-features", str(opts.cnn_features)]
     start = time.perf_counter()
     command = run_logged(argv, expdir / "train.log", task, opts)
     curve = dev_curve(expdir, spec)
@@ -285,6 +288,8 @@ def test_once(task: str, checkpoint: Path, expdir: Path, fold: str | None, opts:
     argv = ["-m", "evaluate", "-e", str(checkpoint), "-t", spec.test_split, "--device", opts.device]
     if opts.memoize_gib:  # in one process, the tasks' test splits share one upstream pass per utterance
         argv += ["--memoize-upstream", str(opts.memoize_gib)]
+    if opts.cnn_features:
+        argv += ["--share-cnn-features", str(opts.cnn_features)]
     if corpus_test:
         argv += ["-o", f"args.expdir={expdir},,config.downstream_expert.corpus.test=['{corpus_test}']"]
     start = time.perf_counter()
@@ -460,7 +465,8 @@ def run_superb(upstream: Upstream, opts: SuperbOptions) -> dict:
         raise ConfigError(f"--lr-grid {grids}: learning rates must be positive")
     grids = {task: sorted(rates) for task, rates in grids.items() if task in names and rates}
     opts = dataclasses.replace(opts, data_dir=data_dir, out_dir=out_dir, device=device, threads=threads,
-                               lr_grid=grids, jobs=jobs)
+                               lr_grid=grids, jobs=jobs,
+                               cnn_features=str(Path(opts.cnn_features).resolve()) if opts.cnn_features else None)
     for task in names:
         recipe_config(task, opts.profile, load_prepared(data_dir, task), opts.steps)  # fail before training
     check_out(out_dir, upstream, opts.force)
@@ -541,6 +547,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--early-stop", type=int, help="stop a run after N evaluations without a better dev metric")
     p.add_argument("--memoize-upstream", type=float, metavar="GIB",
                    help="keep up to GIB of the frozen upstream's states, computed once per utterance")
+    p.add_argument("--share-cnn-features", metavar="DIR", help="keep an ekd_distiller upstream's CNN output per "
+                   "utterance in DIR, for every run (and process) with the same CNN and audio; changes no result")
     p.add_argument("--in-process", action="store_true", help="run every task here, one after another, sharing "
                    "the memoised upstream states (instead of a fresh interpreter per run)")
     p.add_argument("--force", action="store_true", help="re-run tasks that already have a result; run into an "
@@ -549,7 +557,8 @@ def register_cli(subparsers) -> None:
     def _superb(args) -> int:
         opts = SuperbOptions(args.data, args.out, args.tasks, args.profile, args.device, args.seed, args.threads,
                              args.steps, parse_lr_grid(args.lr_grid, args.tasks) if args.lr_grid else {},
-                             args.early_stop, args.memoize_upstream, args.in_process, args.jobs, args.force)
+                             args.early_stop, args.memoize_upstream, args.in_process, args.jobs, args.force,
+                             cnn_features=args.share_cnn_features)
         results = run_superb(Upstream(args.upstream, args.upstream_ckpt, args.upstream_config), opts)
         print(results_markdown(results).split("## Commands")[0].rstrip())
         print(f"wrote {Path(args.out).resolve() / RESULTS_NAME}")
