@@ -35,7 +35,7 @@ from torch import nn
 from s3prl_ekd import patches
 from s3prl_ekd.errors import CheckpointError, ConfigError
 from s3prl_ekd.io import checkpoint
-from s3prl_ekd.io.files import atomic_write_json
+from s3prl_ekd.io.files import atomic_write, atomic_write_json
 from s3prl_ekd.plugin.runner import _flag, installed_s3prl_dir
 
 EARLY_STOP_NAME = "early_stop.json"
@@ -128,10 +128,13 @@ class SharedCNNFeatures:
         except (OSError, ValueError, EOFError):  # not written yet, or damaged: computed (and written) again
             pass
         features = cnn(wave)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, features.detach().cpu().numpy())
-        os.replace(tmp, path)
+        array = features.detach().cpu().numpy()
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to the temporary name
+                np.save(f, array)
+
+        atomic_write(path, write)
         return features
 
 
